@@ -1,0 +1,146 @@
+"""Where halton-meter keeps its state and what the user configured: one frozen Settings.
+
+Precedence: command-line flags, then `<home>/config.toml`, then defaults. The home directory is
+`--home`, else `$HALTON_METER_HOME`, else `~/.halton-meter`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_PORT = 8081
+DEFAULT_LISTEN = "127.0.0.1"
+
+
+class ConfigError(Exception):
+    """A user-facing configuration problem: says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    home: Path
+    listen: str = DEFAULT_LISTEN
+    port: int = DEFAULT_PORT
+    # provider host -> (address, port) that receives its traffic; SNI, Host and verification
+    # still use the provider host name.
+    upstreams: dict[str, tuple[str, int]] = field(default_factory=dict)
+    upstream_ca_files: tuple[Path, ...] = ()
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "db.sqlite"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.home / "ca"
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.home / "ca-bundle.pem"
+
+    @property
+    def config_path(self) -> Path:
+        return self.home / "config.toml"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+
+def resolve_home(flag: str | None = None) -> Path:
+    raw = flag or os.environ.get("HALTON_METER_HOME") or "~/.halton-meter"
+    return Path(raw).expanduser().resolve()
+
+
+def load_settings(
+    home: Path,
+    *,
+    port: int | None = None,
+    listen: str | None = None,
+    upstreams: list[str] | None = None,
+    upstream_ca_files: list[str] | None = None,
+) -> Settings:
+    """Settings from `<home>/config.toml` with command-line values laid over it."""
+    settings = _from_file(home)
+    if port is not None:
+        settings = replace(settings, port=port)
+    if listen is not None:
+        settings = replace(settings, listen=listen)
+    if upstreams:
+        merged = dict(settings.upstreams)
+        merged.update(parse_upstream(item) for item in upstreams)
+        settings = replace(settings, upstreams=merged)
+    if upstream_ca_files:
+        extra = tuple(Path(p).expanduser().resolve() for p in upstream_ca_files)
+        settings = replace(settings, upstream_ca_files=settings.upstream_ca_files + extra)
+    check_loopback(settings.listen)
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError(f"Port {settings.port} is out of range. Use a port from 0 to 65535.")
+    for path in settings.upstream_ca_files:
+        if not path.is_file():
+            raise ConfigError(f"Upstream CA file {path} does not exist. Pass an existing PEM file.")
+    return settings
+
+
+def parse_upstream(text: str) -> tuple[str, tuple[str, int]]:
+    """`HOST=ADDR:PORT` -> (host, (addr, port))."""
+    host, sep, target = text.partition("=")
+    addr, colon, port_text = target.rpartition(":")
+    if not sep or not host or not colon or not addr or not port_text.isdigit():
+        raise ConfigError(
+            f"Upstream override {text!r} is not HOST=ADDR:PORT. "
+            "Write it like api.anthropic.com=127.0.0.1:9443."
+        )
+    return host.strip().lower(), (addr.strip("[]"), int(port_text))
+
+
+def check_loopback(address: str) -> None:
+    """Refuse any listen address that is not loopback: the proxy must never face a network."""
+    if address == "localhost":
+        return
+    try:
+        is_loopback = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        is_loopback = False
+    if not is_loopback:
+        raise ConfigError(
+            f"Refusing to listen on {address}: halton-meter binds loopback only. "
+            "Use 127.0.0.1 (the default) or ::1."
+        )
+
+
+def _from_file(home: Path) -> Settings:
+    path = home / "config.toml"
+    settings = Settings(home=home)
+    if not path.exists():
+        return settings
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}). Fix or remove the file.") from exc
+    proxy = data.get("proxy", {})
+    if not isinstance(proxy, dict):
+        raise ConfigError(f"{path}: [proxy] must be a table. See the README's configuration section.")
+    try:
+        upstreams = dict(
+            parse_upstream(f"{host}={target}") for host, target in proxy.get("upstreams", {}).items()
+        )
+        return replace(
+            settings,
+            port=int(proxy.get("port", DEFAULT_PORT)),
+            listen=str(proxy.get("listen", DEFAULT_LISTEN)),
+            upstreams=upstreams,
+            upstream_ca_files=tuple(
+                Path(p).expanduser().resolve() for p in proxy.get("upstream_ca", [])
+            ),
+        )
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: invalid [proxy] value ({exc}). See the README's configuration section.") from exc

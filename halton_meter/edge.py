@@ -1,0 +1,208 @@
+"""The user-facing listener: reads the proxy request, then tunnels blind or hands off to interception.
+
+- `CONNECT provider:443` -> 200, then TLS termination and metering (intercept.py).
+- `CONNECT anything-else` -> 200, then a blind TCP tunnel: no TLS termination, no parsing.
+- `GET http://host/...` (plain-HTTP absolute form) -> forwarded unmetered, one request per
+  connection; providers are HTTPS-only, so nothing there is metered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import ipaddress
+import logging
+import re
+import ssl
+from urllib.parse import urlsplit
+
+from halton_meter.adapters import is_provider_host
+from halton_meter.config import check_loopback
+from halton_meter.http1 import ProtocolError, RequestHead, parse_request_head
+from halton_meter.intercept import STREAM_LIMIT, Interceptor, error_response
+from halton_meter.tunnel import close_quietly, splice
+
+log = logging.getLogger(__name__)
+
+HEAD_TIMEOUT_S = 30.0  # a client must finish its CONNECT line and headers in this time
+CONNECT_TIMEOUT_S = 15.0
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
+
+
+class _ClientProtocol(asyncio.StreamReaderProtocol):
+    """A stream protocol that tells its relay when the client connection is gone."""
+
+    def __init__(self, reader: asyncio.StreamReader, handler) -> None:
+        super().__init__(reader, lambda r, w: handler(r, w, self))
+        self.on_lost = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.on_lost is not None:
+            self.on_lost()
+
+
+class ProxyServer:
+    """Accepts proxy connections on a loopback address and owns their tasks until shutdown."""
+
+    def __init__(self, interceptor: Interceptor, *, listen: str = "127.0.0.1", port: int = 8081) -> None:
+        check_loopback(listen)
+        self.interceptor = interceptor
+        self.listen = listen
+        self.port = port
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> int:
+        """Bind and listen; returns the actual port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+
+        def factory() -> _ClientProtocol:
+            return _ClientProtocol(asyncio.StreamReader(limit=STREAM_LIMIT), self._on_connection)
+
+        self._server = await loop.create_server(factory, self.listen, self.port, backlog=512)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Stop accepting, let calls in flight finish for `grace_s`, then interrupt the rest."""
+        if self._server is not None:
+            self._server.close()
+        self.interceptor.shutting_down = True
+        pending = {task for task in self._tasks if not task.done()}
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             protocol: _ClientProtocol) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer, protocol)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - one connection's bug must not reach the server loop
+            log.exception("connection_failed")
+        finally:
+            close_quietly(writer)
+            self._tasks.discard(task)
+
+    async def _serve(self, reader, writer, protocol) -> None:
+        try:
+            async with asyncio.timeout(HEAD_TIMEOUT_S):
+                raw = await reader.readuntil(b"\r\n\r\n")
+            head = parse_request_head(raw)
+        except asyncio.IncompleteReadError:
+            return
+        except asyncio.LimitOverrunError:
+            return await _reply(writer, 431, "request head is larger than 64 KiB.")
+        except TimeoutError:
+            return await _reply(writer, 408, "the proxy request did not arrive in time.")
+        except ProtocolError as exc:
+            return await _reply(writer, exc.status, f"malformed proxy request ({exc}).")
+        if head.method == "CONNECT":
+            await self._connect(head, reader, writer, protocol)
+        elif head.target.lower().startswith("http://"):
+            await _forward_plain(head, reader, writer)
+        else:
+            await _reply(writer, 400, (
+                f"this is a proxy; {head.method} {head.target[:60]} is not a proxy request. "
+                f"Set HTTPS_PROXY=http://{self.listen}:{self.port} and call the provider's https:// URL."
+            ))
+
+    async def _connect(self, head: RequestHead, reader, writer, protocol) -> None:
+        try:
+            host, port = parse_authority(head.target)
+        except ValueError as exc:
+            return await _reply(writer, 400, str(exc))
+        if is_provider_host(host) and port == 443:
+            host = host.lower().rstrip(".")
+            try:
+                context = await self.interceptor.server_context(host)
+            except Exception as exc:  # noqa: BLE001 - fail open: the provider is still reachable blind
+                log.error("intercept_unavailable host=%s error=%r action=blind_tunnel", host, exc)
+            else:
+                writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                # No await between the 200 and start_tls: the ClientHello must reach TLS, not us.
+                return await self.interceptor.handle(
+                    reader, writer, protocol, host, port, context, project=proxy_user(head))
+        await _blind_tunnel(host, port, reader, writer)
+
+
+def parse_authority(target: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` from a CONNECT line; ValueError with a clear message."""
+    host, sep, port_text = target.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"CONNECT target {target[:80]!r} is not host:port.")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"CONNECT target {target[:80]!r} has an invalid IPv6 address.") from None
+    elif not _HOST_NAME.match(host) or ".." in host:
+        raise ValueError(f"CONNECT target {target[:80]!r} has an invalid host name.")
+    return host, int(port_text)
+
+
+def proxy_user(head: RequestHead) -> str | None:
+    """The user name in `Proxy-Authorization: Basic …` (how `run --project` names a project)."""
+    value = head.headers.get("proxy-authorization") or ""
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return None
+    try:
+        user = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")[0]
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user or None
+
+
+async def _blind_tunnel(host: str, port: int, reader, writer) -> None:
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            up_reader, up_writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT)
+    except TimeoutError:
+        return await _reply(writer, 504, f"timed out connecting to {host}:{port}.")
+    except OSError as exc:
+        return await _reply(writer, 502, f"could not connect to {host}:{port} ({exc.strerror or exc}).")
+    writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+    await splice(reader, writer, up_reader, up_writer)
+
+
+async def _forward_plain(head: RequestHead, reader, writer) -> None:
+    url = urlsplit(head.target)
+    try:
+        port = url.port or 80
+    except ValueError:
+        return await _reply(writer, 400, f"invalid port in {head.target[:80]!r}.")
+    if not url.hostname:
+        return await _reply(writer, 400, f"no host in {head.target[:80]!r}.")
+    head.target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    head.headers.remove("proxy-authorization")
+    head.headers.remove("proxy-connection")
+    # One request per connection keeps this path free of HTTP parsing after the head.
+    head.headers.set("Connection", "close")
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            up_reader, up_writer = await asyncio.open_connection(url.hostname, port, limit=STREAM_LIMIT)
+    except TimeoutError:
+        return await _reply(writer, 504, f"timed out connecting to {url.hostname}:{port}.")
+    except OSError as exc:
+        return await _reply(writer, 502, f"could not connect to {url.hostname}:{port} ({exc.strerror or exc}).")
+    up_writer.write(head.serialize())
+    await splice(reader, writer, up_reader, up_writer)
+
+
+async def _reply(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    writer.write(error_response(status, message))
+    with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
+        await writer.drain()

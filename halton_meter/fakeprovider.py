@@ -1,0 +1,314 @@
+"""A loopback stand-in for the providers, speaking their wire formats with real timing.
+
+Used by the tests, `tools/` benchmarks and the demo; never by the proxy itself. It serves TLS with
+certificates from its own throwaway CA (made by halton-meter's CA code), so the proxy reaches it
+with `--upstream api.anthropic.com=127.0.0.1:PORT --upstream-ca <its ca.pem>`.
+
+Request headers steer it (all optional):
+  x-fake-delay-ms: N     pause between streamed events (default 10)
+  x-fake-events: N       text deltas in a stream (default 5)
+  x-fake-hold-s: S       after the first streamed event, hold the rest back S seconds
+  x-fake-status: NNN     answer with this status and the provider's error body
+  x-fake-chunked: 1      non-streaming body with chunked transfer coding instead of a length
+  x-fake-close: 1        close-delimited body (no length, no chunks)
+  x-fake-invalid-json: 1 a JSON content type with a body that is not JSON
+  x-fake-reset-after: N  send N body bytes, then reset the connection
+  x-fake-body-bytes: N   non-streaming body padded to about N bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import hashlib
+import json
+import socket
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+from halton_meter.adapters import PROVIDER_HOSTS
+from halton_meter.http1 import (
+    BodyKind,
+    ChunkedDecoder,
+    ProtocolError,
+    RequestHead,
+    parse_request_head,
+    request_framing,
+)
+from halton_meter.tls.ca import CertificateAuthority
+
+DEFAULT_MODEL = "claude-sonnet-4-5-20250929"
+# Like the real API, an alias request is answered with the dated model id.
+_RESOLVED_MODELS = {"claude-sonnet-4-5": "claude-sonnet-4-5-20250929", "claude-haiku-4-5": "claude-haiku-4-5-20251001"}
+
+
+class FakeProvider:
+    def __init__(self, ca_dir: Path, *, hosts: tuple[str, ...] = PROVIDER_HOSTS) -> None:
+        self.ca = CertificateAuthority(ca_dir, hosts)
+        self.ca.ensure()
+        self.hosts = hosts
+        self.port = 0
+        self.requests_served = 0
+        self.connections = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    @property
+    def ca_path(self) -> Path:
+        return self.ca.ca_cert_path
+
+    async def start(self, port: int = 0) -> int:
+        context = self.ca.server_context(self.hosts[0])
+        # One certificate per host via SNI, so any provider host name verifies.
+        contexts = {host: self.ca.server_context(host) for host in self.hosts}
+
+        def pick(sslobj, server_name, _context):
+            if server_name in contexts:
+                sslobj.context = contexts[server_name]
+
+        context.sni_callback = pick
+        self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", port, ssl=context)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        on_this_connection = 0
+        try:
+            while True:
+                try:
+                    raw = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                head = parse_request_head(raw)
+                on_this_connection += 1
+                self.requests_served += 1
+                if not await self._answer(head, reader, writer, on_this_connection):
+                    return
+        except (ConnectionError, ProtocolError, OSError):
+            return
+        finally:
+            writer.close()
+
+    async def _answer(self, head: RequestHead, reader, writer, nth: int) -> bool:
+        if (head.headers.get("expect") or "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        size, digest, body = await _read_body(head, reader)
+        options = {k.lower(): v for k, v in head.headers.fields if k.lower().startswith("x-fake-")}
+        base = [("x-fake-connection-requests", str(nth)), ("x-fake-received-bytes", str(size)),
+                ("x-fake-received-sha256", digest), ("request-id", f"req_fake_{self.requests_served}")]
+        for name in ("x-halton-project", "accept-encoding", "proxy-authorization"):
+            if head.headers.get(name) is not None:
+                base.append((f"x-fake-saw-{name}", head.headers.get(name)))
+        if head.headers.has_token("upgrade", "websocket"):
+            return await _websocket_echo(reader, writer, base)
+        try:
+            request = json.loads(body) if body else {}
+        except ValueError:
+            request = {}
+        status = int(options.get("x-fake-status", "200"))
+        if status in (204, 304):
+            writer.write(_head(status, base))
+            await writer.drain()
+            return True
+        if status >= 400:
+            return await _send(writer, head, status, _error_body(status), "application/json", base, options)
+        if isinstance(request, dict) and request.get("stream") is True:
+            return await _stream(writer, request, options, base)
+        if options.get("x-fake-invalid-json"):
+            return await _send(writer, head, 200, b'{"id": "msg_broken", "usage": ', "application/json", base, options)
+        payload = _message(request, int(options.get("x-fake-body-bytes", "0")))
+        encoded = json.dumps(payload).encode()
+        if "gzip" in (head.headers.get("accept-encoding") or ""):
+            base.append(("Content-Encoding", "gzip"))
+            encoded = gzip.compress(encoded)
+        return await _send(writer, head, 200, encoded, "application/json", base, options)
+
+
+async def _read_body(head: RequestHead, reader) -> tuple[int, str, bytes]:
+    """Read the whole body without holding it: size, SHA-256, and the first 1 MiB."""
+    kind, length = request_framing(head)
+    digest, kept, size = hashlib.sha256(), bytearray(), 0
+
+    def take(data) -> None:
+        nonlocal size
+        size += len(data)
+        digest.update(data)
+        if len(kept) < 1 << 20:
+            kept.extend(data)
+
+    if kind is BodyKind.LENGTH:
+        remaining = length
+        while remaining:
+            data = await reader.read(min(65536, remaining))
+            if not data:
+                raise ConnectionError("client closed mid-body")
+            take(data)
+            remaining -= len(data)
+    elif kind is BodyKind.CHUNKED:
+        decoder = ChunkedDecoder()
+        while not decoder.done:
+            wanted = decoder.data_remaining
+            data = await (reader.read(min(65536, wanted)) if wanted else reader.readuntil(b"\n"))
+            if not data:
+                raise ConnectionError("client closed mid-body")
+            for piece in decoder.feed(data)[1]:
+                take(piece)
+    return size, digest.hexdigest(), bytes(kept)
+
+
+def _message(request: dict, pad_bytes: int) -> dict:
+    text = "Hello from the fake provider."
+    if pad_bytes > len(text):
+        text = text + " " + "x" * (pad_bytes - len(text))
+    return {
+        "id": "msg_fake", "type": "message", "role": "assistant",
+        "model": _model(request), "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 12, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                  "output_tokens": 9, "service_tier": "standard"},
+    }
+
+
+def _model(request: dict) -> str:
+    model = request.get("model") if isinstance(request, dict) else None
+    if not isinstance(model, str):
+        return DEFAULT_MODEL
+    return _RESOLVED_MODELS.get(model, model)
+
+
+def _error_body(status: int) -> bytes:
+    kind = {429: "rate_limit_error", 529: "overloaded_error", 400: "invalid_request_error",
+            401: "authentication_error"}.get(status, "api_error")
+    return json.dumps({"type": "error", "error": {"type": kind, "message": f"fake {kind}"},
+                       "request_id": "req_fake_error"}).encode()
+
+
+async def _send(writer, head: RequestHead, status: int, body: bytes, content_type: str,
+                headers: list[tuple[str, str]], options: dict) -> bool:
+    fields = [("Content-Type", content_type), *headers]
+    keep_alive = True
+    if options.get("x-fake-close"):
+        fields.append(("Connection", "close"))
+        keep_alive = False
+    elif options.get("x-fake-chunked"):
+        fields.append(("Transfer-Encoding", "chunked"))
+    else:
+        fields.append(("Content-Length", str(len(body))))
+    head_bytes = _head(status, fields)
+    if head.method == "HEAD":
+        writer.write(head_bytes)
+    elif options.get("x-fake-chunked") and not options.get("x-fake-close"):
+        half = len(body) // 2
+        writer.write(head_bytes + _chunk(body[:half]) + _chunk(body[half:]) + b"0\r\n\r\n")
+    else:
+        reset_after = options.get("x-fake-reset-after")
+        if reset_after is not None:
+            writer.write(head_bytes + body[: int(reset_after)])
+            await writer.drain()
+            _reset(writer)
+            return False
+        writer.write(head_bytes + body)
+    await writer.drain()
+    return keep_alive
+
+
+async def _stream(writer, request: dict, options: dict, headers: list[tuple[str, str]]) -> bool:
+    """Anthropic Messages streaming: SSE events, one HTTP chunk each, paced like a real model."""
+    delay = int(options.get("x-fake-delay-ms", "10")) / 1000
+    hold = float(options.get("x-fake-hold-s", "0"))
+    count = int(options.get("x-fake-events", "5"))
+    model = _model(request)
+    events = [("message_start", {"type": "message_start", "message": {
+        "id": "msg_fake_stream", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                  "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("ping", {"type": "ping"})]
+    events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": {"type": "text_delta", "text": f"word{i} "}})
+               for i in range(count)]
+    events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               ("message_delta", {"type": "message_delta",
+                                  "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                  "usage": {"output_tokens": count + 1}}),
+               ("message_stop", {"type": "message_stop"})]
+    writer.write(_head(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+                             ("Transfer-Encoding", "chunked"), *headers]))
+    reset_after = options.get("x-fake-reset-after")
+    for index, (name, data) in enumerate(events):
+        writer.write(_chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()))
+        await writer.drain()
+        if reset_after is not None and index + 1 >= int(reset_after):
+            _reset(writer)
+            return False
+        if index == 0 and hold:
+            await asyncio.sleep(hold)
+        elif delay:
+            await asyncio.sleep(delay)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    return True
+
+
+async def _websocket_echo(reader, writer, headers) -> bool:
+    writer.write(_head(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"), *headers]))
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    return False
+
+
+def _head(status: int, fields: list[tuple[str, str]]) -> bytes:
+    reason = {100: "Continue", 101: "Switching Protocols", 200: "OK", 204: "No Content",
+              304: "Not Modified"}.get(status, "Error")
+    lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in fields)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _reset(writer) -> None:
+    # SO_LINGER 0 makes close() send RST: a real reset, not a clean end.
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the loopback fake provider.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ca-dir", help="where its test CA lives (default: a temp dir)")
+    args = parser.parse_args(argv)
+    ca_dir = Path(args.ca_dir) if args.ca_dir else Path(tempfile.mkdtemp(prefix="halton-fake-")) / "ca"
+
+    async def run() -> None:
+        provider = FakeProvider(ca_dir)
+        port = await provider.start(args.port)
+        print(f"fake provider on 127.0.0.1:{port}", flush=True)
+        print(f"  CA: {provider.ca_path}", flush=True)
+        print(f"  proxy flags: --upstream api.anthropic.com=127.0.0.1:{port} --upstream-ca {provider.ca_path}",
+              flush=True)
+        await asyncio.Event().wait()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

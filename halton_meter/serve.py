@@ -1,0 +1,84 @@
+"""`halton-meter serve`: assemble CA, ledger, interceptor and listener; run until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import sys
+from typing import TextIO
+
+from halton_meter.adapters import PROVIDER_HOSTS
+from halton_meter.config import Settings
+from halton_meter.edge import ProxyServer
+from halton_meter.intercept import Interceptor
+from halton_meter.ledger import Ledger
+from halton_meter.tls.bundle import write_client_bundle
+from halton_meter.tls.ca import CertificateAuthority
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """Startup failed for a reason the user can fix; the message says how."""
+
+
+def prepare_ca(settings: Settings) -> CertificateAuthority:
+    """The CA (made on first use, rebuilt if the host list changed), leaves minted, bundle written."""
+    ca = CertificateAuthority(settings.ca_dir, PROVIDER_HOSTS)
+    if ca.ensure():
+        log.info("ca_created path=%s", ca.ca_cert_path)
+    ca.premint()
+    write_client_bundle(ca.ca_cert_path, settings.bundle_path)
+    return ca
+
+
+async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Event | None = None) -> int:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    ca = await asyncio.to_thread(prepare_ca, settings)
+    ledger = Ledger(settings.db_path)
+    ledger.start()
+    interceptor = Interceptor(ca, ledger, upstreams=settings.upstreams,
+                              upstream_ca_files=settings.upstream_ca_files)
+    interceptor.preload(PROVIDER_HOSTS)
+    server = ProxyServer(interceptor, listen=settings.listen, port=settings.port)
+    try:
+        port = await server.start()
+    except OSError as exc:
+        ledger.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(
+                f"Port {settings.port} on {settings.listen} is already in use. "
+                "Stop the other process or pick another port with --port (0 picks a free one)."
+            ) from exc
+        raise ServeError(f"Cannot listen on {settings.listen}:{settings.port} ({exc.strerror}).") from exc
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    proxy_url = f"http://{settings.listen}:{port}"
+    print(f"halton-meter listening on {proxy_url}", file=out)
+    print(f"  CA certificate  {ca.ca_cert_path}", file=out)
+    print(f"  CA SHA-256      {ca.fingerprint_sha256}", file=out)
+    print(f"  client bundle   {settings.bundle_path}", file=out)
+    print(f"  ledger          {settings.db_path}", file=out)
+    for host, (address, upstream_port) in sorted(settings.upstreams.items()):
+        print(f"  upstream        {host} -> {address}:{upstream_port}", file=out)
+    print("  use it:", file=out)
+    print(f"    export HTTPS_PROXY={proxy_url}", file=out)
+    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
+        print(f"    export {name}={settings.bundle_path}", file=out)
+    out.flush()
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await server.close()
+        await asyncio.to_thread(ledger.close)
+    print(f"halton-meter stopped: {ledger.rows_written} calls recorded"
+          + (f", {ledger.rows_lost} LOST (see log)" if ledger.rows_lost else ""), file=out)
+    out.flush()
+    return 1 if ledger.rows_lost else 0

@@ -1,0 +1,83 @@
+"""The side copy of one call: decodes and parses what the relay forwarded, never touching it.
+
+Every entry point swallows parser failures: the first one is logged with the call id, the call is
+marked unparsed, and later bytes are ignored. Nothing here can delay or alter the forward path.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from halton_meter.adapters.base import MAX_REQUEST_COPY_BYTES, Adapter, CallState
+from halton_meter.content_coding import ContentDecoder
+from halton_meter.http1 import RequestHead, ResponseHead
+
+log = logging.getLogger(__name__)
+
+
+class Tap:
+    __slots__ = ("adapter", "call_id", "state", "parse_error", "_request", "_request_body",
+                 "_request_truncated", "_decoder")
+
+    def __init__(self, adapter: Adapter, call_id: str, request: RequestHead) -> None:
+        self.adapter = adapter
+        self.call_id = call_id
+        self.state: CallState | None = None
+        self.parse_error: str | None = None
+        self._request = request
+        self._request_body = bytearray()
+        self._request_truncated = False
+        self._decoder: ContentDecoder | None = None
+
+    def request_chunk(self, data: bytes) -> None:
+        if self._request_truncated:
+            return
+        if len(self._request_body) + len(data) > MAX_REQUEST_COPY_BYTES:
+            self._request_truncated = True
+            self._request_body = bytearray()
+        else:
+            self._request_body += data
+
+    def request_done(self) -> None:
+        try:
+            body = bytes(self._request_body)
+            self._request_body = bytearray()
+            self.state = self.adapter.start(self._request, body, not self._request_truncated)
+        except Exception as exc:  # noqa: BLE001 - the parser must never break the relay
+            self._fail(exc)
+
+    def response_head(self, head: ResponseHead) -> None:
+        if self.state is None:
+            return
+        try:
+            self._decoder = ContentDecoder(head.headers.get("content-encoding"))
+            self.adapter.response(self.state, head)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def response_chunk(self, data: bytes) -> None:
+        if self._decoder is None:
+            return
+        try:
+            self.adapter.feed(self.state, self._decoder.feed(data))
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def finish(self, complete: bool) -> CallState | None:
+        if self.state is None or self.parse_error is not None:
+            return self.state
+        try:
+            if self._decoder is not None:
+                tail = self._decoder.flush() if complete else b""
+                if tail:
+                    self.adapter.feed(self.state, tail)
+            return self.adapter.finish(self.state, complete)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+            return self.state
+
+    def _fail(self, exc: Exception) -> None:
+        self.parse_error = f"{type(exc).__name__}: {exc}"[:500]
+        self._decoder = None
+        log.warning("parse_failed call_id=%s adapter=%s error=%s", self.call_id, self.adapter.name,
+                    type(exc).__name__)
