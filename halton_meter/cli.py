@@ -8,7 +8,15 @@ import logging
 import sys
 
 from halton_meter import __version__
-from halton_meter.config import DEFAULT_PORT, ConfigError, load_settings, resolve_home
+from halton_meter.config import DEFAULT_PORT, ConfigError, load_settings, parse_upstream, resolve_home
+
+
+def _upstream_arg(text: str) -> str:
+    try:
+        parse_upstream(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--home", dest="serve_home", help=argparse.SUPPRESS)
     serve.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)")
     serve.add_argument("--listen", help="loopback address to bind (default 127.0.0.1)")
-    serve.add_argument("--upstream", action="append", metavar="HOST=ADDR:PORT",
+    serve.add_argument("--upstream", action="append", metavar="HOST=ADDR:PORT", type=_upstream_arg,
                        help="send HOST's traffic to ADDR:PORT, keeping SNI, Host and verification for HOST (repeatable)")
     serve.add_argument("--upstream-ca", action="append", metavar="FILE",
                        help="extra trust anchors (PEM) for verifying upstream certificates (repeatable)")

@@ -1,0 +1,102 @@
+"""The ledger: schema versioning, WAL, batching, flush on close, loud loss."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from halton_meter import ledger as ledger_module
+from halton_meter.ledger import MAX_BATCH_ROWS, SCHEMA_VERSION, CallRow, Ledger, connect
+
+
+def row(n: int) -> CallRow:
+    return CallRow(call_id=f"call-{n}", started_at=time.time(), host="api.anthropic.com",
+                   method="POST", path="/v1/messages", status=200, request_bytes=n)
+
+
+def test_new_database_is_versioned_and_in_wal_mode(tmp_path):
+    db = connect(tmp_path / "db.sqlite")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    columns = {r[1] for r in db.execute("PRAGMA table_info(calls)")}
+    assert {"host", "path", "method", "status", "request_bytes", "response_bytes", "ttfb_ms",
+            "duration_ms", "is_stream", "outcome"} <= columns
+    db.close()
+
+
+def test_reopening_does_not_migrate_again(tmp_path):
+    connect(tmp_path / "db.sqlite").close()
+    connect(tmp_path / "db.sqlite").close()  # would fail with "table calls already exists"
+
+
+def test_newer_schema_is_refused_with_advice(tmp_path):
+    path = tmp_path / "db.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    db.close()
+    with pytest.raises(sqlite3.DatabaseError, match="Upgrade halton-meter"):
+        connect(path)
+
+
+def test_every_row_is_written_and_close_flushes(tmp_path):
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    for n in range(1000):
+        ledger.record(row(n))
+    ledger.close()
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    assert db.execute("SELECT COUNT(*), SUM(request_bytes) FROM calls").fetchone() == (1000, sum(range(1000)))
+    assert ledger.rows_written == 1000 and ledger.rows_lost == 0
+
+
+def test_writes_are_batched(tmp_path, monkeypatch):
+    sizes = []
+    original = Ledger._write
+
+    def spy(self, db, rows):
+        sizes.append(len(rows))
+        original(self, db, rows)
+
+    monkeypatch.setattr(Ledger, "_write", spy)
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    for n in range(500):
+        ledger.record(row(n))
+    ledger.close()
+    assert sum(sizes) == 500 and max(sizes) <= MAX_BATCH_ROWS
+    assert len(sizes) < 500  # rows queued together were committed together
+
+
+def test_a_lone_row_reaches_disk_within_a_second(tmp_path):
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    ledger.record(row(1))
+    deadline = time.monotonic() + 1.0
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    while db.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 0:
+        assert time.monotonic() < deadline, "row not on disk within 1 s"
+        time.sleep(0.01)
+    ledger.close()
+
+
+def test_unwritable_database_counts_lost_rows_loudly(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(ledger_module.time, "sleep", lambda s: None)
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    ledger.record(row(1))
+    ledger.close()
+    # A duplicate call_id violates the UNIQUE constraint: every retry fails, the loss is counted.
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    ledger.record(row(1))
+    ledger.close()
+    assert ledger.rows_lost == 1 and ledger.rows_written == 0
+    assert "ledger_rows_lost" in caplog.text
+
+
+def test_unopenable_database_fails_start(tmp_path):
+    (tmp_path / "db.sqlite").mkdir()  # a directory where the file should be
+    with pytest.raises(sqlite3.Error):
+        Ledger(tmp_path / "db.sqlite").start()

@@ -1,0 +1,137 @@
+"""`halton-meter serve` driven as a user would: real subprocesses, real signals, a temp home."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+from halton_meter.adapters import PROVIDER_HOSTS
+from halton_meter.tls.ca import CertificateAuthority
+from tests.conftest import messages_body, start_serve, stop_serve, subprocess_env
+
+
+def run_cli(home, *args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "halton_meter", *args], capture_output=True,
+                          text=True, env=subprocess_env(home), timeout=timeout)
+
+
+def upstream_args(fake):
+    return ("--upstream", f"api.anthropic.com=127.0.0.1:{fake.port}", "--upstream-ca", str(fake.ca_path))
+
+
+def test_version_and_help(tmp_path):
+    from halton_meter import __version__
+
+    assert run_cli(tmp_path, "--version").stdout.strip() == f"halton-meter {__version__}"
+    result = run_cli(tmp_path, "serve", "--help")
+    assert result.returncode == 0 and "--upstream HOST=ADDR:PORT" in result.stdout
+    assert run_cli(tmp_path).returncode == 2
+
+
+def test_refuses_a_non_loopback_listen_address(tmp_path):
+    result = run_cli(tmp_path, "serve", "--listen", "0.0.0.0", "--port", "0")
+    assert result.returncode == 1
+    assert "binds loopback only" in result.stderr and "127.0.0.1" in result.stderr
+
+
+def test_malformed_upstream_is_a_usage_error(tmp_path):
+    result = run_cli(tmp_path, "serve", "--upstream", "api.anthropic.com")
+    assert result.returncode == 2 and "HOST=ADDR:PORT" in result.stderr
+
+
+def test_busy_port_is_a_clear_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(tmp_path, "serve", "--port", str(port))
+    assert result.returncode == 1
+    assert f"Port {port} on 127.0.0.1 is already in use" in result.stderr and "--port" in result.stderr
+
+
+def test_refuses_to_start_when_the_ca_key_is_readable_by_others(tmp_path):
+    ca = CertificateAuthority(tmp_path / "ca", PROVIDER_HOSTS)
+    ca.ensure()
+    os.chmod(ca.ca_key_path, 0o644)
+    result = run_cli(tmp_path, "serve", "--port", "0")
+    assert result.returncode == 1
+    assert f"chmod 600 {ca.ca_key_path}" in result.stderr
+
+
+def test_banner_state_files_and_clean_stop(tmp_path, fake):
+    proxy = start_serve(tmp_path, *upstream_args(fake))
+    ca = CertificateAuthority(tmp_path / "ca", PROVIDER_HOSTS)
+    assert ca.fingerprint_sha256 in proxy.banner
+    assert str(tmp_path / "ca-bundle.pem") in proxy.banner
+    assert stat.S_IMODE(os.stat(tmp_path / "ca").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(ca.ca_key_path).st_mode) == 0o600
+    bundle = (tmp_path / "ca-bundle.pem").read_text()
+    assert bundle.rstrip().endswith(ca.ca_cert_path.read_text().rstrip())
+    assert stop_serve(proxy) == 0
+
+
+def test_sigterm_flushes_every_row_and_interrupts_held_streams(tmp_path, fake):
+    proxy = start_serve(tmp_path, *upstream_args(fake))
+    for n in range(20):
+        conn = proxy.connection()
+        conn.request("POST", "/v1/messages", body=messages_body(),
+                     headers={"content-type": "application/json", "x-halton-project": "flush"})
+        conn.getresponse().read()
+        conn.close()
+    held = proxy.connection()
+    held.request("POST", "/v1/messages", body=messages_body(stream=True),
+                 headers={"content-type": "application/json", "x-halton-project": "held",
+                          "x-fake-hold-s": "30"})
+    held.getresponse().read1(1024)
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(15) == 0
+    assert time.monotonic() - started < 10  # the grace period, not the provider's 30 s pause
+    db = sqlite3.connect(proxy.db)
+    counts = dict(db.execute("SELECT outcome, COUNT(*) FROM calls GROUP BY outcome"))
+    assert counts == {"ok": 20, "interrupted": 1}
+
+
+def test_upstreams_from_config_file(tmp_path, fake):
+    (tmp_path / "config.toml").write_text(
+        "[proxy]\n"
+        f'upstream_ca = ["{fake.ca_path}"]\n'
+        "[proxy.upstreams]\n"
+        f'"api.anthropic.com" = "127.0.0.1:{fake.port}"\n'
+    )
+    proxy = start_serve(tmp_path)
+    conn = proxy.connection()
+    conn.request("POST", "/v1/messages", body=messages_body(),
+                 headers={"content-type": "application/json", "x-halton-project": "cfg"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    assert proxy.wait_rows("cfg")[0]["outcome"] == "ok"
+    assert stop_serve(proxy) == 0
+
+
+def test_invalid_config_file_is_a_clear_error(tmp_path):
+    (tmp_path / "config.toml").write_text("[proxy\nport = 1")
+    result = run_cli(tmp_path, "serve")
+    assert result.returncode == 1 and "config.toml is not valid TOML" in result.stderr
+
+
+def test_home_flag_relocates_all_state(tmp_path):
+    home = tmp_path / "elsewhere"
+    env_home = tmp_path / "env-home"
+    process = subprocess.Popen([sys.executable, "-m", "halton_meter", "--home", str(home), "serve", "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=subprocess_env(env_home))
+    line = process.stdout.readline()
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    assert "listening on" in line
+    assert (home / "db.sqlite").exists() and (home / "ca" / "ca.pem").exists()
+    assert not env_home.exists()
