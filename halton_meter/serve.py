@@ -78,7 +78,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
             loop.remove_signal_handler(signum)
         await server.close()
         await asyncio.to_thread(ledger.close)
-    print(f"halton-meter stopped: {ledger.rows_written} calls recorded"
+    print(f"halton-meter stopped: {ledger.rows_written} call(s) recorded"
           + (f", {ledger.rows_lost} LOST (see log)" if ledger.rows_lost else ""), file=out)
     out.flush()
     return 1 if ledger.rows_lost else 0
