@@ -14,6 +14,7 @@ from pathlib import Path
 
 DEFAULT_PORT = 8081
 DEFAULT_LISTEN = "127.0.0.1"
+DEFAULT_CONNECT_TIMEOUT_S = 15.0
 
 
 class ConfigError(Exception):
@@ -29,6 +30,8 @@ class Settings:
     # still use the provider host name.
     upstreams: dict[str, tuple[str, int]] = field(default_factory=dict)
     upstream_ca_files: tuple[Path, ...] = ()
+    # TCP connect plus TLS handshake to an upstream; past it the client gets a 504.
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
 
     @property
     def db_path(self) -> Path:
@@ -137,6 +140,7 @@ def _from_file(home: Path) -> Settings:
             settings,
             port=int(proxy.get("port", DEFAULT_PORT)),
             listen=str(proxy.get("listen", DEFAULT_LISTEN)),
+            connect_timeout_s=float(proxy.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)),
             upstreams=upstreams,
             upstream_ca_files=tuple(
                 Path(p).expanduser().resolve() for p in proxy.get("upstream_ca", [])

@@ -27,7 +27,6 @@ from halton_meter.tunnel import close_quietly, splice
 log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT_S = 30.0  # a client must finish its CONNECT line and headers in this time
-CONNECT_TIMEOUT_S = 15.0
 _HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
 
 
@@ -111,7 +110,7 @@ class ProxyServer:
         if head.method == "CONNECT":
             await self._connect(head, reader, writer, protocol)
         elif head.target.lower().startswith("http://"):
-            await _forward_plain(head, reader, writer)
+            await _forward_plain(head, reader, writer, self.interceptor.connect_timeout_s)
         else:
             await _reply(writer, 400, (
                 f"this is a proxy; {head.method} {head.target[:60]} is not a proxy request. "
@@ -134,7 +133,7 @@ class ProxyServer:
                 # No await between the 200 and start_tls: the ClientHello must reach TLS, not us.
                 return await self.interceptor.handle(
                     reader, writer, protocol, host, port, context, project=proxy_user(head))
-        await _blind_tunnel(host, port, reader, writer)
+        await _blind_tunnel(host, port, reader, writer, self.interceptor.connect_timeout_s)
 
 
 def parse_authority(target: str) -> tuple[str, int]:
@@ -166,9 +165,9 @@ def proxy_user(head: RequestHead) -> str | None:
     return user or None
 
 
-async def _blind_tunnel(host: str, port: int, reader, writer) -> None:
+async def _blind_tunnel(host: str, port: int, reader, writer, timeout_s: float) -> None:
     try:
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             up_reader, up_writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT)
     except TimeoutError:
         return await _reply(writer, 504, f"timed out connecting to {host}:{port}.")
@@ -178,7 +177,7 @@ async def _blind_tunnel(host: str, port: int, reader, writer) -> None:
     await splice(reader, writer, up_reader, up_writer)
 
 
-async def _forward_plain(head: RequestHead, reader, writer) -> None:
+async def _forward_plain(head: RequestHead, reader, writer, timeout_s: float) -> None:
     url = urlsplit(head.target)
     try:
         port = url.port or 80
@@ -192,7 +191,7 @@ async def _forward_plain(head: RequestHead, reader, writer) -> None:
     # One request per connection keeps this path free of HTTP parsing after the head.
     head.headers.set("Connection", "close")
     try:
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             up_reader, up_writer = await asyncio.open_connection(url.hostname, port, limit=STREAM_LIMIT)
     except TimeoutError:
         return await _reply(writer, 504, f"timed out connecting to {url.hostname}:{port}.")

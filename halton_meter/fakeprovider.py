@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import json
 import socket
+import ssl
 import struct
 import sys
 import tempfile
@@ -60,8 +61,10 @@ class FakeProvider:
         return self.ca.ca_cert_path
 
     async def start(self, port: int = 0) -> int:
-        context = self.ca.server_context(self.hosts[0])
-        # One certificate per host via SNI, so any provider host name verifies.
+        # Its own listener context (the CA's cached ones are shared); SNI then picks the
+        # certificate of whichever provider host the client names.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*self.ca.leaf_paths(self.hosts[0]))
         contexts = {host: self.ca.server_context(host) for host in self.hosts}
 
         def pick(sslobj, server_name, _context):

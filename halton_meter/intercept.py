@@ -16,6 +16,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from halton_meter.adapters import adapter_for
+from halton_meter.config import DEFAULT_CONNECT_TIMEOUT_S
 from halton_meter.http1 import (
     BodyKind,
     ChunkedDecoder,
@@ -39,8 +40,7 @@ log = logging.getLogger(__name__)
 STREAM_LIMIT = 64 * 1024  # also the largest head we accept (readuntil raises past it)
 READ_SIZE = 64 * 1024
 INLINE_BODY_BYTES = 64 * 1024  # request bodies up to this size go out in one write with the head
-CONNECT_TIMEOUT_S = 15.0
-TLS_HANDSHAKE_TIMEOUT_S = 15.0
+TLS_HANDSHAKE_TIMEOUT_S = 15.0  # a client that stalls its handshake with us
 CLIENT_IDLE_TIMEOUT_S = 300.0
 # Encodings the tap can decode with zlib; anything else is dropped from Accept-Encoding.
 _DECODABLE_CODINGS = ("gzip", "deflate")
@@ -68,11 +68,13 @@ class Interceptor:
         *,
         upstreams: dict[str, tuple[str, int]] | None = None,
         upstream_ca_files: tuple[Path, ...] = (),
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     ) -> None:
         self.ca = ca
         self.ledger = ledger
         self.upstreams = dict(upstreams or {})
         self.upstream_ssl = upstream_context(upstream_ca_files)
+        self.connect_timeout_s = connect_timeout_s
         self.shutting_down = False
         self._server_contexts: dict[str, ssl.SSLContext] = {}
 
@@ -336,10 +338,12 @@ class _Relay:
         address, port = self.upstream_address
         where = self.host if (address, port) == (self.host, 443) else f"{self.host} (via {address}:{port})"
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            # One deadline for TCP and TLS together; asyncio's own handshake timeout sits
+            # behind it so that a stalled handshake also ends as a 504.
+            async with asyncio.timeout(self.owner.connect_timeout_s):
                 self.up_reader, self.up_writer = await asyncio.open_connection(
                     address, port, ssl=self.owner.upstream_ssl, server_hostname=self.host,
-                    limit=STREAM_LIMIT, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S,
+                    limit=STREAM_LIMIT, ssl_handshake_timeout=self.owner.connect_timeout_s + 5,
                 )
         except ssl.SSLCertVerificationError as exc:
             raise UpstreamError(502, (

@@ -40,7 +40,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     ledger = Ledger(settings.db_path)
     ledger.start()
     interceptor = Interceptor(ca, ledger, upstreams=settings.upstreams,
-                              upstream_ca_files=settings.upstream_ca_files)
+                              upstream_ca_files=settings.upstream_ca_files,
+                              connect_timeout_s=settings.connect_timeout_s)
     interceptor.preload(PROVIDER_HOSTS)
     server = ProxyServer(interceptor, listen=settings.listen, port=settings.port)
     try:

@@ -135,3 +135,26 @@ def test_home_flag_relocates_all_state(tmp_path):
     assert "listening on" in line
     assert (home / "db.sqlite").exists() and (home / "ca" / "ca.pem").exists()
     assert not env_home.exists()
+
+
+def test_silent_upstream_times_out_with_504(tmp_path, fake):
+    # Accepts TCP (the kernel's backlog does) but never answers the TLS handshake.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        (tmp_path / "config.toml").write_text(
+            f'[proxy]\nconnect_timeout_s = 0.5\n[proxy.upstreams]\n"api.anthropic.com" = "127.0.0.1:{silent.getsockname()[1]}"\n')
+        proxy = start_serve(tmp_path)
+        conn = proxy.connection()
+        started = time.monotonic()
+        conn.request("POST", "/v1/messages", body=messages_body(),
+                     headers={"content-type": "application/json", "x-halton-project": "slow"})
+        response = conn.getresponse()
+        body = response.read()
+        elapsed = time.monotonic() - started
+        conn.close()
+    assert response.status == 504 and b"timed out connecting to api.anthropic.com" in body
+    assert 0.4 < elapsed < 5
+    [row] = proxy.wait_rows("slow")
+    assert row["outcome"] == "upstream_error" and "timed out" in row["error"]
+    assert stop_serve(proxy) == 0
