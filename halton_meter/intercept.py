@@ -262,11 +262,13 @@ class _Relay:
             tap.request_chunk(body)
             first += body
         if inline:
-            tap.request_done()
+            tap.request_complete()
         call.request_bytes = len(first)
 
         reused = await self._ensure_upstream()
         self.up_writer.write(first)
+        if inline:
+            tap.request_done()  # parsed only once the bytes are on their way
         body_task = None
         if not inline:
             body_task = asyncio.create_task(self._pump_request(kind, length, tap, call))
@@ -328,6 +330,7 @@ class _Relay:
             raise _ClientGone() from exc
         except ProtocolError as exc:
             raise UpstreamError(400, f"malformed chunked request body ({exc}).") from exc
+        tap.request_complete()
         tap.request_done()
 
     async def _ensure_upstream(self) -> bool:

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 class Tap:
     __slots__ = ("adapter", "call_id", "state", "parse_error", "_request", "_request_body",
-                 "_request_truncated", "_decoder")
+                 "_request_truncated", "_request_complete", "_request_parsed", "_decoder")
 
     def __init__(self, adapter: Adapter, call_id: str, request: RequestHead) -> None:
         self.adapter = adapter
@@ -27,6 +27,8 @@ class Tap:
         self._request = request
         self._request_body = bytearray()
         self._request_truncated = False
+        self._request_complete = False
+        self._request_parsed = False
         self._decoder: ContentDecoder | None = None
 
     def request_chunk(self, data: bytes) -> None:
@@ -38,15 +40,25 @@ class Tap:
         else:
             self._request_body += data
 
+    def request_complete(self) -> None:
+        """The whole request body has been seen (cheap: parsing waits for `request_done`)."""
+        self._request_complete = True
+
     def request_done(self) -> None:
+        """Parse the request now; a body never marked complete is parsed as partial."""
+        if self._request_parsed:
+            return
+        self._request_parsed = True
         try:
             body = bytes(self._request_body)
             self._request_body = bytearray()
-            self.state = self.adapter.start(self._request, body, not self._request_truncated)
+            whole = self._request_complete and not self._request_truncated
+            self.state = self.adapter.start(self._request, body, whole)
         except Exception as exc:  # noqa: BLE001 - the parser must never break the relay
             self._fail(exc)
 
     def response_head(self, head: ResponseHead) -> None:
+        self.request_done()  # a provider may answer before the whole body was sent
         if self.state is None:
             return
         try:
@@ -64,6 +76,7 @@ class Tap:
             self._fail(exc)
 
     def finish(self, complete: bool) -> CallState | None:
+        self.request_done()
         if self.state is None or self.parse_error is not None:
             return self.state
         try:

@@ -475,3 +475,11 @@ def sqlite_count(proxy) -> int:
         return db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
     finally:
         db.close()
+
+
+def test_failed_upstream_row_still_names_the_requested_model(proxy):
+    name = project()
+    body = json.dumps({"model": "gpt-5.5", "messages": []}).encode()
+    response, _ = post(proxy, body, name, host="api.groq.com", path="/openai/v1/chat/completions")
+    assert response.status == 502
+    assert proxy.wait_rows(name)[0]["model"] == "gpt-5.5"
