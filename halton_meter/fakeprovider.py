@@ -55,6 +55,7 @@ class FakeProvider:
         self.requests_served = 0
         self.connections = 0
         self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     @property
     def ca_path(self) -> Path:
@@ -79,11 +80,17 @@ class FakeProvider:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         on_this_connection = 0
+        task = asyncio.current_task()
+        self._tasks.add(task)
         try:
             while True:
                 try:
@@ -98,6 +105,7 @@ class FakeProvider:
         except (ConnectionError, ProtocolError, OSError):
             return
         finally:
+            self._tasks.discard(task)
             writer.close()
 
     async def _answer(self, head: RequestHead, reader, writer, nth: int) -> bool:
