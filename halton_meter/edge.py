@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import weakref
 import ssl
 from urllib.parse import urlsplit
 
@@ -34,7 +35,10 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
     """A stream protocol that tells its relay when the client connection is gone."""
 
     def __init__(self, reader: asyncio.StreamReader, handler) -> None:
-        super().__init__(reader, lambda r, w: handler(r, w, self))
+        # A weak reference: a closure holding `self` would make a cycle that keeps both TLS
+        # sides of every closed connection (two asyncio read buffers) until a full GC.
+        me = weakref.ref(self)
+        super().__init__(reader, lambda r, w: handler(r, w, me()))
         self.on_lost = None
 
     def connection_lost(self, exc: Exception | None) -> None:

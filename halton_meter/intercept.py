@@ -7,6 +7,7 @@ go to the client first and to the tap after, so parsing can never delay or alter
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import logging
 import os
@@ -104,6 +105,19 @@ class Interceptor:
         await _Relay(self, reader, writer, protocol, host, port, project).run()
 
 
+def shrink_tls_read_buffers(size: int = READ_SIZE) -> None:
+    """Make asyncio's per-TLS-connection read buffer `size` bytes instead of 256 KiB.
+
+    CPython 3.11's `asyncio.sslproto.SSLProtocol` allocates (and zero-fills) a `max_size` buffer
+    for every TLS connection; each intercepted call has two. 64 KiB still holds four full TLS
+    records per read, and keeps 16 connections at 2 MiB instead of 8. Process-wide: called once by
+    `serve`, never on import.
+    """
+    protocol_class = getattr(asyncio.sslproto, "SSLProtocol", None)
+    if protocol_class is not None and isinstance(getattr(protocol_class, "max_size", None), int):
+        protocol_class.max_size = min(protocol_class.max_size, size)
+
+
 def upstream_context(extra_ca_files: tuple[Path, ...] = ()) -> ssl.SSLContext:
     """Full verification (chain and host name) against the system store plus any extra anchors."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -161,6 +175,7 @@ class _Relay:
         self.in_call = False
         self.response_started = False
         self.task = asyncio.current_task()
+        self.protocol = protocol
         protocol.on_lost = self._client_lost
 
     def _client_lost(self) -> None:
@@ -176,6 +191,10 @@ class _Relay:
         finally:
             close_quietly(self.up_writer)
             close_quietly(self.writer)
+            # Unhook (protocol -> relay -> writer -> protocol) so the connection is freed now,
+            # by reference counting, not at the next full garbage collection.
+            self.protocol.on_lost = None
+            self.task = self.protocol = None
 
     async def _next_call(self) -> bool:
         try:

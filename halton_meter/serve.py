@@ -12,7 +12,7 @@ from typing import TextIO
 from halton_meter.adapters import PROVIDER_HOSTS
 from halton_meter.config import Settings
 from halton_meter.edge import ProxyServer
-from halton_meter.intercept import Interceptor
+from halton_meter.intercept import Interceptor, shrink_tls_read_buffers
 from halton_meter.ledger import Ledger
 from halton_meter.tls.bundle import write_client_bundle
 from halton_meter.tls.ca import CertificateAuthority
@@ -36,6 +36,7 @@ def prepare_ca(settings: Settings) -> CertificateAuthority:
 
 async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Event | None = None) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
+    shrink_tls_read_buffers()
     ca = await asyncio.to_thread(prepare_ca, settings)
     ledger = Ledger(settings.db_path)
     ledger.start()
