@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
 
 from halton_meter import __version__
@@ -60,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # Heavy modules load only for the commands that need them: `--help` stays fast.
+    import asyncio
+    import logging
+
     from halton_meter.serve import ServeError, serve
     from halton_meter.tls.ca import CAError
 

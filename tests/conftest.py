@@ -148,11 +148,16 @@ def background_loop():
     loop.stop()
 
 
+def _running_fake(background_loop, directory):
+    provider = FakeProvider(directory / "ca")
+    background_loop.run(provider.start())
+    return provider
+
+
 @pytest.fixture(scope="session")
 def fake(background_loop, tmp_path_factory) -> FakeProvider:
     """The trusted fake provider (its CA is passed to the proxy with --upstream-ca)."""
-    provider = FakeProvider(tmp_path_factory.mktemp("fake") / "ca")
-    background_loop.run(provider.start())
+    provider = _running_fake(background_loop, tmp_path_factory.mktemp("fake"))
     yield provider
     background_loop.run(provider.close())
 
@@ -160,8 +165,7 @@ def fake(background_loop, tmp_path_factory) -> FakeProvider:
 @pytest.fixture(scope="session")
 def untrusted_fake(background_loop, tmp_path_factory) -> FakeProvider:
     """A fake provider whose CA the proxy does not trust: a bad upstream certificate."""
-    provider = FakeProvider(tmp_path_factory.mktemp("untrusted") / "ca")
-    background_loop.run(provider.start())
+    provider = _running_fake(background_loop, tmp_path_factory.mktemp("untrusted"))
     yield provider
     background_loop.run(provider.close())
 
