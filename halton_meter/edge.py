@@ -11,19 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import ipaddress
 import logging
 import re
 import weakref
-import ssl
 from urllib.parse import urlsplit
 
 from halton_meter.adapters import is_provider_host
 from halton_meter.config import check_loopback
-from halton_meter.http1 import ProtocolError, RequestHead, parse_request_head
-from halton_meter.intercept import STREAM_LIMIT, Interceptor, error_response
-from halton_meter.tunnel import close_quietly, splice
+from halton_meter.http1 import MAX_HEAD_BYTES, ProtocolError, RequestHead, parse_request_head
+from halton_meter.intercept import Interceptor
+from halton_meter.relay import reply_error
+from halton_meter.tunnel import close_quietly, enable_keepalive, has_buffered_bytes, splice
 
 log = logging.getLogger(__name__)
 
@@ -57,32 +56,47 @@ class ProxyServer:
         self.port = port
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._hurry = asyncio.Event()
 
     async def start(self) -> int:
         """Bind and listen; returns the actual port (useful with port 0)."""
         loop = asyncio.get_running_loop()
 
         def factory() -> _ClientProtocol:
-            return _ClientProtocol(asyncio.StreamReader(limit=STREAM_LIMIT), self._on_connection)
+            return _ClientProtocol(asyncio.StreamReader(limit=MAX_HEAD_BYTES), self._on_connection)
 
         self._server = await loop.create_server(factory, self.listen, self.port, backlog=512)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
     async def close(self, grace_s: float = 2.0) -> None:
-        """Stop accepting, let calls in flight finish for `grace_s`, then interrupt the rest."""
+        """Stop accepting, let calls in flight finish for `grace_s` (less if `hurry` is called),
+        then interrupt the rest. Idle kept-alive connections close at once."""
         if self._server is not None:
             self._server.close()
-        self.interceptor.shutting_down = True
-        pending = {task for task in self._tasks if not task.done()}
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=grace_s)
+        self.interceptor.begin_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        pending = set(self._tasks)
+        hurry = asyncio.create_task(self._hurry.wait())
+        try:
+            while (pending := {t for t in pending if not t.done()}) and not self._hurry.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await asyncio.wait(pending | {hurry}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurry.cancel()
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5.0)
         if self._server is not None:
             await self._server.wait_closed()
+
+    def hurry(self) -> None:
+        """Cut the shutdown grace period short (a second Ctrl-C)."""
+        self._hurry.set()
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                              protocol: _ClientProtocol) -> None:
@@ -103,20 +117,20 @@ class ProxyServer:
             async with asyncio.timeout(HEAD_TIMEOUT_S):
                 raw = await reader.readuntil(b"\r\n\r\n")
             head = parse_request_head(raw)
-        except asyncio.IncompleteReadError:
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
             return
         except asyncio.LimitOverrunError:
-            return await _reply(writer, 431, "request head is larger than 64 KiB.")
+            return await reply_error(writer, 431, f"request head is larger than {MAX_HEAD_BYTES // 1024} KiB.")
         except TimeoutError:
-            return await _reply(writer, 408, "the proxy request did not arrive in time.")
+            return await reply_error(writer, 408, "the proxy request did not arrive in time.")
         except ProtocolError as exc:
-            return await _reply(writer, exc.status, f"malformed proxy request ({exc}).")
+            return await reply_error(writer, exc.status, f"malformed proxy request ({exc}).")
         if head.method == "CONNECT":
             await self._connect(head, reader, writer, protocol)
         elif head.target.lower().startswith("http://"):
             await _forward_plain(head, reader, writer, self.interceptor.connect_timeout_s)
         else:
-            await _reply(writer, 400, (
+            await reply_error(writer, 400, (
                 f"this is a proxy; {head.method} {head.target[:60]} is not a proxy request. "
                 f"Set HTTPS_PROXY=http://{self.listen}:{self.port} and call the provider's https:// URL."
             ))
@@ -125,20 +139,25 @@ class ProxyServer:
         try:
             host, port = parse_authority(head.target)
         except ValueError as exc:
-            return await _reply(writer, 400, str(exc))
-        if is_provider_host(host) and port == 443:
-            host = host.lower().rstrip(".")
+            return await reply_error(writer, 400, str(exc))
+        provider = host.lower().rstrip(".") if is_provider_host(host) and port == 443 else None
+        if provider is not None and has_buffered_bytes(reader):
+            # The client sent its TLS ClientHello without waiting for our 200: those bytes are
+            # already read and cannot reach our TLS layer. Fail open: tunnel it unmetered.
+            log.warning("connect_pipelined host=%s action=blind_tunnel", provider)
+        elif provider is not None:
             try:
-                context = await self.interceptor.server_context(host)
+                context = await self.interceptor.server_context(provider)
             except Exception as exc:  # noqa: BLE001 - fail open: the provider is still reachable blind
-                log.error("intercept_unavailable host=%s error=%r action=blind_tunnel", host, exc)
+                log.error("intercept_unavailable host=%s error=%r action=blind_tunnel", provider, exc)
             else:
                 writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
                 # No await between the 200 and start_tls: the ClientHello must reach TLS, not us.
                 return await self.interceptor.handle(
-                    reader, writer, protocol, host, port, context, project=proxy_user(head))
-        await _blind_tunnel(host, port, reader, writer, self.interceptor.connect_timeout_s)
-
+                    reader, writer, protocol, provider, port, context, project=proxy_user(head))
+        # Unmetered; a provider still goes to the address the user configured for it (a gateway).
+        address, target_port = self.interceptor.upstreams.get(provider, (host, port)) if provider else (host, port)
+        await _blind_tunnel(address, target_port, reader, writer, self.interceptor.connect_timeout_s)
 
 def parse_authority(target: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` from a CONNECT line; ValueError with a clear message."""
@@ -172,11 +191,13 @@ def proxy_user(head: RequestHead) -> str | None:
 async def _blind_tunnel(host: str, port: int, reader, writer, timeout_s: float) -> None:
     try:
         async with asyncio.timeout(timeout_s):
-            up_reader, up_writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT)
+            up_reader, up_writer = await asyncio.open_connection(host, port, limit=MAX_HEAD_BYTES)
     except TimeoutError:
-        return await _reply(writer, 504, f"timed out connecting to {host}:{port}.")
+        return await reply_error(writer, 504, f"timed out connecting to {host}:{port}.")
     except OSError as exc:
-        return await _reply(writer, 502, f"could not connect to {host}:{port} ({exc.strerror or exc}).")
+        return await reply_error(writer, 502, f"could not connect to {host}:{port} ({exc.strerror or exc}).")
+    enable_keepalive(writer)
+    enable_keepalive(up_writer)
     writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
     await splice(reader, writer, up_reader, up_writer)
 
@@ -186,9 +207,9 @@ async def _forward_plain(head: RequestHead, reader, writer, timeout_s: float) ->
     try:
         port = url.port or 80
     except ValueError:
-        return await _reply(writer, 400, f"invalid port in {head.target[:80]!r}.")
+        return await reply_error(writer, 400, f"invalid port in {head.target[:80]!r}.")
     if not url.hostname:
-        return await _reply(writer, 400, f"no host in {head.target[:80]!r}.")
+        return await reply_error(writer, 400, f"no host in {head.target[:80]!r}.")
     head.target = (url.path or "/") + (f"?{url.query}" if url.query else "")
     head.headers.remove("proxy-authorization")
     head.headers.remove("proxy-connection")
@@ -196,16 +217,11 @@ async def _forward_plain(head: RequestHead, reader, writer, timeout_s: float) ->
     head.headers.set("Connection", "close")
     try:
         async with asyncio.timeout(timeout_s):
-            up_reader, up_writer = await asyncio.open_connection(url.hostname, port, limit=STREAM_LIMIT)
+            up_reader, up_writer = await asyncio.open_connection(url.hostname, port, limit=MAX_HEAD_BYTES)
     except TimeoutError:
-        return await _reply(writer, 504, f"timed out connecting to {url.hostname}:{port}.")
+        return await reply_error(writer, 504, f"timed out connecting to {url.hostname}:{port}.")
     except OSError as exc:
-        return await _reply(writer, 502, f"could not connect to {url.hostname}:{port} ({exc.strerror or exc}).")
+        return await reply_error(writer, 502, f"could not connect to {url.hostname}:{port} ({exc.strerror or exc}).")
     up_writer.write(head.serialize())
     await splice(reader, writer, up_reader, up_writer)
 
-
-async def _reply(writer: asyncio.StreamWriter, status: int, message: str) -> None:
-    writer.write(error_response(status, message))
-    with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
-        await writer.drain()

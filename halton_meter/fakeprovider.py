@@ -14,6 +14,11 @@ Request headers steer it (all optional):
   x-fake-invalid-json: 1 a JSON content type with a body that is not JSON
   x-fake-reset-after: N  send N body bytes, then reset the connection
   x-fake-body-bytes: N   non-streaming body padded to about N bytes
+Misbehaviours, for the proxy's defences:
+  x-fake-hangup: 1       read the request, then close without answering
+  x-fake-extra: TEXT     send TEXT after a complete response (a framing violation)
+  x-fake-reject-expect: NNN  answer `Expect: 100-continue` with this final status, no 100
+  x-fake-id: ID          counted in `FakeProvider.seen_ids` (how often a request arrived)
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class FakeProvider:
         self.port = 0
         self.requests_served = 0
         self.connections = 0
+        self.seen_ids: dict[str, int] = {}
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -109,10 +115,19 @@ class FakeProvider:
             writer.close()
 
     async def _answer(self, head: RequestHead, reader, writer, nth: int) -> bool:
+        options = {k.lower(): v for k, v in head.headers.fields if k.lower().startswith("x-fake-")}
+        if "x-fake-id" in options:
+            self.seen_ids[options["x-fake-id"]] = self.seen_ids.get(options["x-fake-id"], 0) + 1
         if (head.headers.get("expect") or "").lower() == "100-continue":
+            if "x-fake-reject-expect" in options:
+                writer.write(_head(int(options["x-fake-reject-expect"]), [("Content-Length", "0"),
+                                                                          ("Connection", "close")]))
+                await writer.drain()
+                return False
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         size, digest, body = await _read_body(head, reader)
-        options = {k.lower(): v for k, v in head.headers.fields if k.lower().startswith("x-fake-")}
+        if options.get("x-fake-hangup"):
+            return False
         base = [("x-fake-connection-requests", str(nth)), ("x-fake-received-bytes", str(size)),
                 ("x-fake-received-sha256", digest), ("request-id", f"req_fake_{self.requests_served}")]
         for name in ("x-halton-project", "accept-encoding", "proxy-authorization"):
@@ -214,7 +229,7 @@ async def _send(writer, head: RequestHead, status: int, body: bytes, content_typ
     else:
         fields.append(("Content-Length", str(len(body))))
     head_bytes = _head(status, fields)
-    if head.method == "HEAD":
+    if head.method == "HEAD" and "x-fake-extra" not in options:
         writer.write(head_bytes)
     elif options.get("x-fake-chunked") and not options.get("x-fake-close"):
         half = len(body) // 2
@@ -227,6 +242,8 @@ async def _send(writer, head: RequestHead, status: int, body: bytes, content_typ
             _reset(writer)
             return False
         writer.write(head_bytes + body)
+    if "x-fake-extra" in options:
+        writer.write(options["x-fake-extra"].encode().replace(b"\\r\\n", b"\r\n"))
     await writer.drain()
     return keep_alive
 

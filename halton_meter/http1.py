@@ -7,6 +7,7 @@ raw bytes so a response can be forwarded byte for byte.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -17,6 +18,7 @@ MAX_TRAILER_BYTES = 16 * 1024
 # RFC 9110 5.6.2: tchar
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_TARGET_FORBIDDEN = re.compile(r"[^\x21-\x7e]")
 
 
 class ProtocolError(ValueError):
@@ -106,10 +108,14 @@ def parse_request_head(raw: bytes) -> RequestHead:
     start_line, headers = _split_head(raw)
     parts = start_line.split(" ")
     if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise ProtocolError(f"malformed request line {start_line[:80]!r}")
+        raise ProtocolError("malformed request line")
     method, target, version = parts
     if not all(c in _TOKEN_CHARS for c in method.encode("latin-1")):
-        raise ProtocolError(f"malformed method {method[:40]!r}")
+        raise ProtocolError("malformed method")
+    if _TARGET_FORBIDDEN.search(target):
+        # Control bytes or non-ASCII in the target: an upstream might split the line where we
+        # did not (a bare LF), so the request is refused rather than forwarded.
+        raise ProtocolError("invalid character in request target")
     _check_version(version)
     return RequestHead(method, target, version, headers)
 
@@ -269,18 +275,19 @@ def _split_head(raw: bytes) -> tuple[str, Headers]:
     if len(lines) - 1 > MAX_HEADER_COUNT:
         raise ProtocolError("too many header fields", 431)
     fields: list[tuple[str, str]] = []
-    for line in lines[1:]:
+    # Messages name the field's position, never its text: header lines carry API keys.
+    for number, line in enumerate(lines[1:], start=1):
         name, colon, value = line.partition(":")
         if not colon:
-            raise ProtocolError(f"malformed header line {line[:80]!r}")
+            raise ProtocolError(f"malformed header line {number} (no colon)")
         if not name or line[0] in " \t":
             # obs-fold (RFC 9112 5.2) and empty names are rejected outright.
-            raise ProtocolError(f"malformed header line {line[:80]!r}")
+            raise ProtocolError(f"malformed header line {number} (folded or unnamed)")
         if not all(c in _TOKEN_CHARS for c in name.encode("latin-1")):
             # Whitespace before the colon is forbidden (RFC 9112 5.1): smuggling vector.
-            raise ProtocolError(f"malformed header name {name[:40]!r}")
+            raise ProtocolError(f"malformed header name on line {number}")
         if "\r" in value or "\n" in value or "\x00" in value:
-            raise ProtocolError(f"invalid character in header {name[:40]!r}")
+            raise ProtocolError(f"invalid character in header line {number}")
         fields.append((name, value.strip(" \t")))
     return lines[0], Headers(fields)
 

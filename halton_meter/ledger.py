@@ -18,6 +18,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 MAX_BATCH_ROWS = 32
+RETRY_PAUSE_S = 0.2  # between attempts at a failed commit (a locked or briefly full disk)
 _STOP = object()
 
 
@@ -168,19 +169,44 @@ class Ledger:
                 rows.append(item)
 
     def _write(self, db: sqlite3.Connection, rows: list[CallRow]) -> None:
+        """Commit `rows` in one transaction; never raises, so the writer thread never dies.
+
+        A batch that keeps failing is retried row by row, so one bad row costs only itself.
+        """
         if not rows:
             return
         for attempt in range(3):
             try:
-                db.execute("BEGIN")
-                db.executemany(_INSERT, [astuple(row) for row in rows])
-                db.execute("COMMIT")
+                self._insert(db, rows)
                 self.rows_written += len(rows)
                 return
-            except sqlite3.Error as exc:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                log.error("ledger_write_failed rows=%d attempt=%d error=%s", len(rows), attempt + 1, exc)
-                time.sleep(0.2 * (attempt + 1))
-        self.rows_lost += len(rows)
-        log.error("ledger_rows_lost rows=%d total_lost=%d path=%s", len(rows), self.rows_lost, self.path)
+            except sqlite3.IntegrityError:
+                break  # will not go away with time
+            except Exception as exc:  # noqa: BLE001 - disk full, locked, read-only, a bug...
+                log.error("ledger_write_failed rows=%d attempt=%d error=%r", len(rows), attempt + 1, exc)
+                time.sleep(RETRY_PAUSE_S * (attempt + 1))
+        self._write_one_by_one(db, rows)
+
+    def _write_one_by_one(self, db: sqlite3.Connection, rows: list[CallRow]) -> None:
+        for row in rows:
+            try:
+                self._insert(db, [row])
+                self.rows_written += 1
+            except Exception as exc:  # noqa: BLE001
+                log.error("ledger_row_rejected call_id=%s error=%r", row.call_id, exc)
+                self._lose(1)
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, rows: list[CallRow]) -> None:
+        db.execute("BEGIN")
+        try:
+            db.executemany(_INSERT, [astuple(row) for row in rows])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _lose(self, count: int) -> None:
+        self.rows_lost += count
+        log.error("ledger_rows_lost rows=%d total_lost=%d path=%s", count, self.rows_lost, self.path)

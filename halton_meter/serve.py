@@ -58,8 +58,15 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        # First signal: stop gracefully. Another one: skip the grace period; rows still flush.
+        if stop.is_set():
+            server.hurry()
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     proxy_url = f"http://{settings.listen}:{port}"
     print(f"halton-meter listening on {proxy_url}", file=out)
     print(f"  CA certificate  {ca.ca_cert_path}", file=out)
@@ -76,10 +83,12 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     try:
         await stop.wait()
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-        await server.close()
-        await asyncio.to_thread(ledger.close)
+        try:
+            await server.close()
+            await asyncio.to_thread(ledger.close)
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
     print(f"halton-meter stopped: {ledger.rows_written} call(s) recorded"
           + (f", {ledger.rows_lost} LOST (see log)" if ledger.rows_lost else ""), file=out)
     out.flush()

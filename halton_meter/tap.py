@@ -71,7 +71,12 @@ class Tap:
         if self._decoder is None:
             return
         try:
-            self.adapter.feed(self.state, self._decoder.feed(data))
+            if self._decoder.is_identity:
+                self.adapter.feed(self.state, data)
+            else:
+                # Bounded pieces: a small compressed read can inflate to megabytes.
+                for piece in self._decoder.feed_iter(data):
+                    self.adapter.feed(self.state, piece)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 

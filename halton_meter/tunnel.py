@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 READ_SIZE = 64 * 1024
+# After one direction ends, how long the other may go on before both are closed: a peer that
+# half-closed and never finishes must not pin two sockets forever.
+HALF_CLOSE_LINGER_S = 60.0
 
 
 async def splice(
@@ -16,40 +20,68 @@ async def splice(
     a_writer: asyncio.StreamWriter,
     b_reader: asyncio.StreamReader,
     b_writer: asyncio.StreamWriter,
-) -> tuple[int, int]:
-    """Relay a->b and b->a until both directions end; returns (bytes a->b, bytes b->a)."""
-    a_to_b = asyncio.create_task(_pump(a_reader, b_writer))
+    *,
+    totals: list[int] | None = None,
+    linger_s: float = HALF_CLOSE_LINGER_S,
+) -> list[int]:
+    """Relay a->b and b->a until both directions end; `totals` counts [a->b, b->a] as it goes."""
+    totals = totals if totals is not None else [0, 0]
+    pumps = {asyncio.create_task(_pump(a_reader, b_writer, totals, 0)),
+             asyncio.create_task(_pump(b_reader, a_writer, totals, 1))}
     try:
-        b_to_a = await _pump(b_reader, a_writer)
-        sent = await a_to_b
+        _, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            await asyncio.wait(pending, timeout=linger_s)
     finally:
-        if not a_to_b.done():
-            a_to_b.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await a_to_b
+        for task in pumps:
+            task.cancel()
+        # wait() never raises the pumps' errors, and our own cancellation still propagates.
+        await asyncio.wait(pumps)
         close_quietly(a_writer)
         close_quietly(b_writer)
-    return sent, b_to_a
+    return totals
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-    total = 0
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, totals: list[int],
+                index: int) -> None:
     try:
         while data := await reader.read(READ_SIZE):
             writer.write(data)
-            total += len(data)
+            totals[index] += len(data)
             await writer.drain()
     except (ConnectionError, OSError):
-        # One side reset: end both directions so neither waits forever on a dead peer.
+        # One side reset: end both directions so neither waits on a dead peer.
         close_quietly(writer)
-        return total
+        return
     # Half-close: pass the end of this direction on; TLS transports cannot, so close instead.
     if writer.can_write_eof():
         with contextlib.suppress(OSError):
             writer.write_eof()
     else:
         close_quietly(writer)
-    return total
+
+
+def enable_keepalive(writer: asyncio.StreamWriter) -> None:
+    """TCP keepalive (first probe after 60 s idle) so a peer that vanished is noticed."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 15)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+
+
+def has_buffered_bytes(reader: asyncio.StreamReader | None) -> bool:
+    """True when bytes have arrived that nobody has read yet.
+
+    StreamReader has no public way to ask; its `_buffer` has been the same since Python 3.4.
+    Used to refuse reusing an upstream that sent bytes nobody asked for, and to notice a TLS
+    ClientHello sent together with CONNECT.
+    """
+    return bool(getattr(reader, "_buffer", None))
 
 
 def close_quietly(writer: asyncio.StreamWriter | None) -> None:

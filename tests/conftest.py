@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,11 @@ class Proxy:
     port: int
     home: Path
     banner: str
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.log_lines)
 
     @property
     def bundle(self) -> Path:
@@ -123,10 +128,16 @@ def start_serve(home: Path, *args: str, timeout: float = 30.0) -> Proxy:
         process.kill()
         raise AssertionError(f"serve did not start:\n{text}\n{process.stderr.read()}")
     port = int(text.split("listening on http://127.0.0.1:")[1].split()[0])
-    # Drain stderr in the background so a chatty log can never block the proxy on a full pipe.
-    threading.Thread(target=process.stderr.read, daemon=True).start()
+    proxy = Proxy(process, port, home, text)
+    # Drain both pipes in the background so a chatty log can never block the proxy; keep the log.
+    threading.Thread(target=_collect, args=(process.stderr, proxy.log_lines), daemon=True).start()
     threading.Thread(target=process.stdout.read, daemon=True).start()
-    return Proxy(process, port, home, text)
+    return proxy
+
+
+def _collect(stream, lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line)
 
 
 def stop_serve(proxy: Proxy, timeout: float = 15.0) -> int:
@@ -184,6 +195,10 @@ def proxy(fake, untrusted_fake, tmp_path_factory) -> Proxy:
     )
     yield running
     assert stop_serve(running) == 0
+    time.sleep(0.2)
+    # Whatever the tests threw at it, the proxy never logged a crash of its own.
+    for marker in ("Traceback", "never retrieved", "proxy_error", "connection_failed"):
+        assert marker not in running.log, f"{marker!r} in the proxy log:\n{running.log[-4000:]}"
 
 
 def messages_body(stream: bool = False, model: str = "claude-sonnet-4-5") -> bytes:

@@ -17,7 +17,7 @@ from halton_meter.http1 import (
     response_framing,
     wants_close,
 )
-from halton_meter.intercept import narrow_accept_encoding
+from halton_meter.relay import narrow_accept_encoding
 
 PIECES = [b"event: ", b'data: {"type":"ping"}\r\n\r\n', "日".encode()]
 PAYLOAD = b"".join(PIECES)
@@ -71,6 +71,22 @@ def test_malformed_request_heads_are_rejected(raw, status):
     with pytest.raises(ProtocolError) as info:
         parse_request_head(raw)
     assert info.value.status == status
+
+
+def test_request_target_with_control_bytes_is_refused():
+    # A bare LF inside the target would let an upstream see a different request than we did.
+    with pytest.raises(ProtocolError, match="request target"):
+        parse_request_head(b"GET /a\nX-Injected:1 HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+def test_error_messages_never_quote_header_text():
+    secret = "sk-ant-api03-SECRETSECRET"
+    for raw in (f"GET / HTTP/1.1\r\nx-api-key {secret}\r\n\r\n",
+                f"GET / HTTP/1.1\r\nx-api-key {secret}: v\r\n\r\n",
+                f"GET /?key={secret} HTTP/1.1 extra\r\n\r\n"):
+        with pytest.raises(ProtocolError) as info:
+            parse_request_head(raw.encode())
+        assert "SECRET" not in str(info.value)
 
 
 def test_malformed_status_line_is_a_502():
@@ -132,7 +148,10 @@ def test_headers_set_and_remove_keep_order():
     ("br;q=1.0, gzip;q=0.5", "gzip"),
     ("br", "identity"),
     ("gzip;q=0, br", "identity"),
+    ("GZIP;Q=0.0, deflate", "deflate"),
+    ("gzip ; q=0.001", "gzip"),
     ("*", "gzip, deflate"),
+    ("*;q=0.5, deflate;q=0", "gzip"),
 ])
 def test_accept_encoding_is_narrowed_to_what_zlib_decodes(offered, sent):
     headers = Headers([("Accept-Encoding", offered)])

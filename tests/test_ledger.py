@@ -82,7 +82,7 @@ def test_a_lone_row_reaches_disk_within_a_second(tmp_path):
 
 
 def test_unwritable_database_counts_lost_rows_loudly(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(ledger_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ledger_module, "RETRY_PAUSE_S", 0)
     ledger = Ledger(tmp_path / "db.sqlite")
     ledger.start()
     ledger.record(row(1))
@@ -100,3 +100,34 @@ def test_unopenable_database_fails_start(tmp_path):
     (tmp_path / "db.sqlite").mkdir()  # a directory where the file should be
     with pytest.raises(sqlite3.Error):
         Ledger(tmp_path / "db.sqlite").start()
+
+
+def test_one_bad_row_does_not_sink_its_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "RETRY_PAUSE_S", 0)
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    ledger.record(row(1))
+    ledger.close()
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    for n in (2, 1, 3):  # call-1 is a duplicate; 2 and 3 are fine
+        ledger.record(row(n))
+    ledger.close()
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    assert sorted(r[0] for r in db.execute("SELECT call_id FROM calls")) == ["call-1", "call-2", "call-3"]
+    assert ledger.rows_lost == 1 and ledger.rows_written == 2
+
+
+def test_writer_survives_an_unexpected_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "RETRY_PAUSE_S", 0)
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    broken = row(1)
+    broken.model = object()  # sqlite cannot bind this: not an IntegrityError
+    ledger.record(broken)
+    time.sleep(0.2)
+    ledger.record(row(2))
+    ledger.close()
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    assert [r[0] for r in db.execute("SELECT call_id FROM calls")] == ["call-2"]
+    assert ledger.rows_lost == 1

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -70,7 +71,7 @@ def direct_stream(fake, body: bytes) -> bytes:
 
 def test_non_streaming_call_is_forwarded_and_recorded(proxy):
     name = project()
-    response, data = post(proxy, messages_body(), name)
+    response, data = post(proxy, messages_body(), name, headers={"user-agent": "Anthropic/Python 0.121.0"})
     assert response.status == 200
     payload = json.loads(data)
     assert payload["model"] == "claude-sonnet-4-5-20250929"
@@ -81,7 +82,7 @@ def test_non_streaming_call_is_forwarded_and_recorded(proxy):
     assert row["model"] == "claude-sonnet-4-5-20250929"
     assert row["request_bytes"] > len(messages_body()) and row["response_bytes"] > len(data)
     assert 0 < row["ttfb_ms"] <= row["duration_ms"]
-    assert row["user_agent"] is None or "Python" in row["user_agent"]
+    assert row["user_agent"] == "Anthropic/Python 0.121.0"
 
 
 def test_streaming_call_is_byte_identical_to_direct(proxy, fake):
@@ -243,13 +244,15 @@ def test_websocket_upgrade_is_relayed_raw(proxy):
     assert read_until(sock, b"hello-not-http").endswith(b"\x81\x05hello-not-http")
     sock.close()
     [row] = proxy.wait_rows(name)
-    assert row["status"] == 101 and row["request_bytes"] > 0
+    # A client closing an upgraded connection is its normal end; the upgraded bytes count too.
+    assert row["status"] == 101 and row["outcome"] == "ok"
+    assert row["request_bytes"] >= len(head) - 200 + 16 and row["response_bytes"] >= len(head) + 16
 
 
 def test_client_offering_h2_falls_back_to_http1(proxy):
-    for alpn in (["h2", "http/1.1"], ["h2"]):
+    for alpn, selected in ((["h2", "http/1.1"], "http/1.1"), (["h2"], None)):
         sock = raw_tunnel(proxy, alpn=alpn)
-        assert sock.selected_alpn_protocol() in ("http/1.1", None)
+        assert sock.selected_alpn_protocol() == selected
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n")
         assert read_until(sock, b"\r\n").startswith(b"HTTP/1.1 200")
         sock.close()
@@ -483,3 +486,152 @@ def test_failed_upstream_row_still_names_the_requested_model(proxy):
     response, _ = post(proxy, body, name, host="api.groq.com", path="/openai/v1/chat/completions")
     assert response.status == 502
     assert proxy.wait_rows(name)[0]["model"] == "gpt-5.5"
+
+
+# ---- defences against a misbehaving provider or client (review findings) -------------------
+
+def test_post_is_never_sent_twice_when_a_kept_alive_upstream_hangs_up(proxy, fake):
+    name, request_id = project(), uuid.uuid4().hex
+    conn = proxy.connection()
+    conn.request("POST", "/v1/messages", body=messages_body(), headers={"x-halton-project": name})
+    conn.getresponse().read()
+    conn.request("POST", "/v1/messages", body=messages_body(),
+                 headers={"x-halton-project": name, "x-fake-hangup": "1", "x-fake-id": request_id})
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    # Repeating a POST could bill it twice: the client gets the error and decides.
+    assert response.status == 502 and b"closed the connection without answering" in body
+    assert fake.seen_ids[request_id] == 1
+    assert [r["outcome"] for r in proxy.wait_rows(name, 2)] == ["ok", "upstream_error"]
+
+
+def test_idempotent_request_is_retried_once_on_a_fresh_connection(proxy, fake):
+    request_id = uuid.uuid4().hex
+    conn = proxy.connection()
+    conn.request("GET", "/v1/models")
+    conn.getresponse().read()
+    conn.request("GET", "/v1/models", headers={"x-fake-hangup": "1", "x-fake-id": request_id})
+    assert conn.getresponse().status == 502
+    conn.close()
+    assert fake.seen_ids[request_id] == 2
+
+
+@pytest.mark.parametrize("method, options", [
+    ("POST", {}), ("POST", {"x-fake-chunked": "1"}), ("HEAD", {}),
+])
+def test_bytes_after_a_response_never_reach_the_next_one(proxy, method, options):
+    name = project()
+    smuggled = "HTTP/1.1 299 SMUGGLED\\r\\nContent-Length: 5\\r\\n\\r\\nEVIL!"
+    conn = proxy.connection()
+    conn.request(method, "/v1/messages", body=messages_body(),
+                 headers={"x-halton-project": name, "x-fake-extra": smuggled, **options})
+    first = conn.getresponse()
+    first.read()
+    conn.request("POST", "/v1/messages", body=messages_body(), headers={"x-halton-project": name})
+    second = conn.getresponse()
+    data = second.read()
+    conn.close()
+    assert first.status == 200 and second.status == 200 and b"EVIL" not in data
+    # The tainted upstream connection was dropped: the second call went out on a fresh one.
+    assert second.getheader("x-fake-connection-requests") == "1"
+    assert [r["status"] for r in proxy.wait_rows(name, 2)] == [200, 200]
+
+
+def test_malformed_chunked_request_body_gets_a_prompt_400(proxy):
+    name = project()
+    sock = raw_tunnel(proxy)
+    started = time.monotonic()
+    sock.sendall((f"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: chunked\r\n"
+                  f"x-halton-project: {name}\r\n\r\nzz\r\n").encode())
+    answer = read_until(sock, b"\n\n")
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 400") and b"malformed chunked request body" in answer
+    assert time.monotonic() - started < 3
+    [row] = proxy.wait_rows(name)
+    assert row["outcome"] == "bad_request"
+
+
+def test_client_abandoning_an_upload_is_recorded_quietly(proxy):
+    name = project()
+    sock = raw_tunnel(proxy)
+    sock.sendall((f"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: {10 << 20}\r\n"
+                  f"x-halton-project: {name}\r\n\r\n").encode() + b"x" * (1 << 20))
+    time.sleep(0.2)
+    sock.close()
+    [row] = proxy.wait_rows(name)
+    assert row["outcome"] == "client_cancelled" and row["request_bytes"] >= 1 << 20
+
+
+def test_upstream_reset_in_a_close_delimited_body_is_an_upstream_error(proxy):
+    name = project()
+    response, _ = post(proxy, messages_body(), name, headers={"x-fake-close": "1", "x-fake-reset-after": "20"})
+    assert response.status == 200
+    [row] = proxy.wait_rows(name)
+    assert row["outcome"] == "upstream_error" and "mid-response" in row["error"]
+
+
+def test_expect_answered_with_a_final_status_and_no_100(proxy):
+    name = project()
+    sock = raw_tunnel(proxy)
+    sock.sendall((f"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nExpect: 100-continue\r\n"
+                  f"Content-Length: 10\r\nx-fake-reject-expect: 417\r\nx-halton-project: {name}\r\n\r\n").encode())
+    answer = read_until(sock, b"\r\n\r\n")
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 417")
+    [row] = proxy.wait_rows(name)
+    assert row["status"] == 417 and row["outcome"] == "provider_error"
+
+
+def test_query_string_keys_and_proxy_credentials_are_not_stored_or_forwarded(proxy):
+    name = project()
+    conn = proxy.connection()
+    conn.request("POST", "/v1/messages?beta=true&key=AIzaSECRETKEY", body=messages_body(),
+                 headers={"x-halton-project": name, "Proxy-Authorization": "Basic c2VjcmV0"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    assert response.getheader("x-fake-saw-proxy-authorization") is None
+    [row] = proxy.wait_rows(name)
+    assert row["path"] == "/v1/messages?beta=true&key=REDACTED"
+    assert "SECRETKEY" not in proxy.log
+
+
+def test_client_reset_before_its_connect_line_is_quiet(proxy):
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(b"CONN")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+    time.sleep(0.2)
+    assert "Traceback" not in proxy.log
+
+
+def test_client_hello_sent_with_connect_falls_back_to_a_blind_tunnel(proxy, fake):
+    """A client that does not wait for our 200 still reaches its provider (unmetered)."""
+    before = sqlite_count(proxy)
+    context = ssl.create_default_context(cafile=str(fake.ca_path))  # the provider's real chain
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="api.anthropic.com")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    sock.sendall(b"CONNECT api.anthropic.com:443 HTTP/1.1\r\n\r\n" + outgoing.read())
+    pending = read_until(sock, b"\r\n\r\n")
+    assert pending.startswith(b"HTTP/1.1 200")
+    incoming.write(pending.split(b"\r\n\r\n", 1)[1])
+
+    def pump_until(step):
+        while True:
+            try:
+                return step()
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+
+    pump_until(tls.do_handshake)
+    tls.write(b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nConnection: close\r\n\r\n")
+    sock.sendall(outgoing.read())
+    assert pump_until(lambda: tls.read(65536)).startswith(b"HTTP/1.1 200")
+    sock.close()
+    time.sleep(0.3)
+    assert sqlite_count(proxy) == before

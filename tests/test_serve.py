@@ -158,3 +158,32 @@ def test_silent_upstream_times_out_with_504(tmp_path, fake):
     [row] = proxy.wait_rows("slow")
     assert row["outcome"] == "upstream_error" and "timed out" in row["error"]
     assert stop_serve(proxy) == 0
+
+
+def test_second_signal_skips_the_grace_period_but_keeps_the_rows(tmp_path, fake):
+    proxy = start_serve(tmp_path, *upstream_args(fake))
+    held = proxy.connection()
+    held.request("POST", "/v1/messages", body=messages_body(stream=True),
+                 headers={"content-type": "application/json", "x-halton-project": "held",
+                          "x-fake-hold-s": "30"})
+    held.getresponse().read1(1024)
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(15) == 0
+    assert time.monotonic() - started < 1.5  # the 2 s grace period was cut short
+    db = sqlite3.connect(proxy.db)
+    assert db.execute("SELECT outcome FROM calls WHERE project = 'held'").fetchall() == [("interrupted",)]
+
+
+def test_idle_kept_alive_connections_do_not_delay_shutdown(tmp_path, fake):
+    proxy = start_serve(tmp_path, *upstream_args(fake))
+    idle = proxy.connection()
+    idle.request("POST", "/v1/messages", body=messages_body(), headers={"content-type": "application/json"})
+    idle.getresponse().read()  # the connection stays open, idle
+    started = time.monotonic()
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(15) == 0
+    assert time.monotonic() - started < 1.5
+    idle.close()

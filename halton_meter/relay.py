@@ -1,0 +1,494 @@
+"""The HTTP/1.1 relay of one intercepted connection: forward every byte, tee a copy, write a row.
+
+One `Relay` per client connection, paired with at most one verified upstream connection. Bytes go
+to the client first and to the tap after, so parsing can never delay or alter the stream. Errors
+are told apart by direction: the client's side (`client_cancelled`, `bad_request`), the
+provider's side (`upstream_error`), and our own bugs (`proxy_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from http import HTTPStatus
+
+from halton_meter.adapters import adapter_for
+from halton_meter.adapters.base import Adapter
+from halton_meter.http1 import (
+    MAX_HEAD_BYTES,
+    BodyKind,
+    ChunkedDecoder,
+    Headers,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    parse_request_head,
+    parse_response_head,
+    request_framing,
+    response_framing,
+    wants_close,
+)
+from halton_meter.ledger import CallRow
+from halton_meter.redaction import redact_target
+from halton_meter.tap import Tap
+from halton_meter.tunnel import READ_SIZE, close_quietly, has_buffered_bytes, splice
+
+log = logging.getLogger(__name__)
+
+INLINE_BODY_BYTES = 64 * 1024  # request bodies up to this size go out in one write with the head
+CLIENT_IDLE_TIMEOUT_S = 300.0
+# RFC 9110 9.2.2: only these may be repeated automatically after a connection failure.
+_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Encodings the tap can decode with zlib; anything else is dropped from Accept-Encoding.
+_DECODABLE_CODINGS = ("gzip", "deflate")
+_CONNECTION_ERRORS = (ConnectionError, ssl.SSLError, OSError)
+
+
+class UpstreamError(Exception):
+    """The provider could not be reached or broke the exchange; `status` is for the client."""
+
+    def __init__(self, status: int, message: str, *, nothing_received: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.nothing_received = nothing_received
+
+
+class ClientError(Exception):
+    """The client sent something we cannot relay; `status` is what it is told."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def new_call_id() -> str:
+    """Time-ordered, unique: 12 hex digits of milliseconds then 12 random."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(6).hex()}"
+
+
+def narrow_accept_encoding(headers: Headers) -> None:
+    """Offer the provider only codings the tap can decode with zlib (identity otherwise).
+
+    q-values count (RFC 9110 12.5.3): a coding the client refused with q=0 is never offered.
+    """
+    values = headers.get_all("accept-encoding")
+    if not values:
+        return
+    weights: dict[str, float] = {}
+    for element in (part for value in values for part in value.split(",")):
+        coding, *params = (piece.strip().lower() for piece in element.split(";"))
+        if not coding:
+            continue
+        weight = 1.0
+        for param in params:
+            name, _, number = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    weight = float(number)
+                except ValueError:
+                    weight = 0.0
+        weights[coding] = weight
+    wildcard = weights.get("*", 0.0)
+    kept = [coding for coding in _DECODABLE_CODINGS if weights.get(coding, wildcard) > 0]
+    headers.set("Accept-Encoding", ", ".join(kept) or "identity")
+
+
+def error_response(status: int, message: str) -> bytes:
+    body = f"halton-meter: {message}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+        "X-Halton-Meter-Error: 1\r\n\r\n"
+    ).encode() + body
+
+
+async def reply_error(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    """Answer with a short plain-text error and `Connection: close`; quiet if the peer is gone."""
+    if writer.is_closing():
+        return
+    writer.write(error_response(status, message))
+    try:
+        await writer.drain()
+    except _CONNECTION_ERRORS:
+        pass
+
+
+class Relay:
+    """The request/response loop of one intercepted client connection."""
+
+    def __init__(self, owner, reader, writer, protocol, host: str, port: int,
+                 project: str | None) -> None:
+        self.owner = owner  # the Interceptor: ledger, upstream trust and addresses, shutdown flag
+        self.reader: asyncio.StreamReader = reader
+        self.writer: asyncio.StreamWriter = writer
+        self.host = host
+        self.upstream_address = owner.upstreams.get(host, (host, port))
+        self.project = project
+        self.up_reader: asyncio.StreamReader | None = None
+        self.up_writer: asyncio.StreamWriter | None = None
+        self.in_call = False
+        self.response_started = False
+        self.task = asyncio.current_task()
+        self.protocol = protocol
+        protocol.on_lost = self._client_lost
+
+    def _client_lost(self) -> None:
+        # The client hung up: stop the call now (and so the provider's generation) rather than
+        # at the next chunk, which may be a long thinking pause away.
+        if self.in_call:
+            self.cancel()
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def run(self) -> None:
+        try:
+            while await self._next_call():
+                pass
+        finally:
+            close_quietly(self.up_writer)
+            close_quietly(self.writer)
+            # Unhook (protocol -> relay -> writer -> protocol) so the connection is freed now,
+            # by reference counting, not at the next full garbage collection.
+            self.protocol.on_lost = None
+            self.task = self.protocol = None
+
+    async def _next_call(self) -> bool:
+        try:
+            async with asyncio.timeout(CLIENT_IDLE_TIMEOUT_S):
+                raw = await self.reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            await reply_error(self.writer, 431, f"request head is larger than {MAX_HEAD_BYTES // 1024} KiB.")
+            return False
+        except (asyncio.IncompleteReadError, TimeoutError, *_CONNECTION_ERRORS):
+            return False
+        try:
+            head = parse_request_head(raw)
+            kind, length = request_framing(head)
+        except ProtocolError as exc:
+            log.info("bad_request host=%s status=%d error=%s", self.host, exc.status, exc)
+            await reply_error(self.writer, exc.status, f"malformed request ({exc}).")
+            return False
+        keep_alive = await self._call(head, kind, length)
+        return keep_alive and not self.owner.shutting_down
+
+    async def _call(self, head: RequestHead, kind: BodyKind, length: int) -> bool:
+        t0 = time.perf_counter()
+        project = head.headers.remove("x-halton-project")
+        head.headers.remove("proxy-authorization")
+        head.headers.remove("proxy-connection")
+        narrow_accept_encoding(head.headers)
+        call = CallRow(
+            call_id=new_call_id(), started_at=time.time(), host=self.host, method=head.method,
+            path=redact_target(head.target), project=project[-1].strip() if project else self.project,
+            user_agent=head.headers.get("user-agent"),
+        )
+        tap = Tap(self._adapter(head), call.call_id, head)
+        self.in_call, self.response_started = True, False
+        keep_alive = complete = False
+        try:
+            keep_alive = await self._exchange(head, kind, length, call, tap, t0)
+            complete = True
+        except asyncio.CancelledError:
+            call.outcome = "interrupted" if self.owner.shutting_down else "client_cancelled"
+            raise
+        except _ClientGone:
+            call.outcome = "client_cancelled"
+        except ClientError as exc:
+            call.outcome, call.error = "bad_request", str(exc)
+            await self._error_reply(exc.status, str(exc))
+        except UpstreamError as exc:
+            call.outcome, call.error = "upstream_error", str(exc)
+            log.info("upstream_error call_id=%s host=%s status=%d error=%s",
+                     call.call_id, self.host, exc.status, exc)
+            await self._error_reply(exc.status, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: record it, never kill the server
+            call.outcome, call.error = "proxy_error", f"{type(exc).__name__}: {exc}"[:500]
+            log.exception("proxy_error call_id=%s host=%s", call.call_id, self.host)
+            await self._error_reply(502, "halton-meter failed while relaying this call; see its log.")
+        finally:
+            self.in_call = False
+            if not keep_alive:
+                self._drop_upstream()
+            self._finish_row(call, tap, complete, t0)
+        return keep_alive
+
+    def _adapter(self, head: RequestHead) -> Adapter:
+        try:
+            return adapter_for(self.host, head.method, head.target)
+        except Exception:  # noqa: BLE001 - a registry bug must not cost the user the call
+            log.exception("adapter_lookup_failed host=%s", self.host)
+            return Adapter()
+
+    async def _error_reply(self, status: int, message: str) -> None:
+        if not self.response_started:
+            await reply_error(self.writer, status, message)
+
+    def _finish_row(self, call: CallRow, tap: Tap, complete: bool, t0: float) -> None:
+        call.duration_ms = (time.perf_counter() - t0) * 1000.0
+        state = tap.finish(complete)
+        if state is not None:
+            call.model = state.response_model or state.model
+            call.is_stream = state.is_stream
+        call.parse_error = tap.parse_error
+        if call.outcome == "ok":
+            if call.status is not None and call.status >= 400:
+                call.outcome = "provider_error"
+            elif tap.parse_error is not None:
+                call.outcome = "unparsed"
+        if call.outcome == "client_cancelled" and call.error is None:
+            call.error = "client disconnected before the response ended"
+        self.owner.ledger.record(call)
+
+    # ---- one exchange ---------------------------------------------------------------------
+
+    async def _exchange(self, head: RequestHead, kind: BodyKind, length: int, call: CallRow,
+                        tap: Tap, t0: float) -> bool:
+        expects_continue = (head.headers.get("expect") or "").lower() == "100-continue"
+        first = head.serialize()
+        inline = kind is BodyKind.NONE or (
+            kind is BodyKind.LENGTH and length <= INLINE_BODY_BYTES and not expects_continue
+        )
+        if inline and kind is BodyKind.LENGTH:
+            try:
+                body = await self.reader.readexactly(length)
+            except (asyncio.IncompleteReadError, *_CONNECTION_ERRORS) as exc:
+                raise _ClientGone() from exc
+            tap.request_chunk(body)
+            first += body
+        if inline:
+            tap.request_complete()
+        call.request_bytes = len(first)
+
+        reused = await self._ensure_upstream()
+        await self._send_upstream(first)
+        if not inline:
+            return await self._exchange_streamed_body(head, kind, length, call, tap, t0)
+        tap.request_done()  # parsed only once the bytes are on their way
+        try:
+            response = await self._read_response_head(head, call, t0)
+        except UpstreamError as exc:
+            # A kept-alive upstream may have closed just as we reused it. Repeat the request on a
+            # fresh connection only when not one byte came back and repeating is safe (RFC 9112
+            # 9.3.1.1): a POST is never sent twice, it could be billed twice.
+            if not (reused and exc.nothing_received and head.method in _IDEMPOTENT_METHODS):
+                raise
+            self._drop_upstream()
+            await self._ensure_upstream()
+            await self._send_upstream(first)
+            response = await self._read_response_head(head, call, t0)
+        return await self._relay_response(head, response, call, tap)
+
+    async def _exchange_streamed_body(self, head: RequestHead, kind: BodyKind, length: int,
+                                      call: CallRow, tap: Tap, t0: float) -> bool:
+        """Send a large or `Expect: 100-continue` body while watching for the provider's answer."""
+        body_task = asyncio.create_task(self._pump_request(kind, length, tap, call))
+        head_task = asyncio.create_task(self._read_response_head(head, call, t0))
+        try:
+            done, _ = await asyncio.wait({body_task, head_task}, return_when=asyncio.FIRST_COMPLETED)
+            if body_task in done and body_task.exception() is not None:
+                raise body_task.exception()
+            response = await head_task
+            keep_alive = await self._relay_response(head, response, call, tap)
+            if not body_task.done():
+                # The provider answered before the whole body was sent (e.g. 413): stop sending,
+                # and the connections cannot be reused mid-body.
+                keep_alive = False
+            elif body_task.exception() is not None:
+                raise body_task.exception()
+            return keep_alive
+        finally:
+            for task in (head_task, body_task):
+                if not task.done():
+                    task.cancel()
+            # wait() never raises the children's errors, and our own cancellation still propagates.
+            await asyncio.wait({head_task, body_task})
+            if not body_task.cancelled():
+                body_task.exception()  # retrieved: no "exception was never retrieved" noise
+
+    async def _pump_request(self, kind: BodyKind, length: int, tap: Tap, call: CallRow) -> None:
+        reader = self.reader
+        decoder = ChunkedDecoder() if kind is BodyKind.CHUNKED else None
+        remaining = length
+        try:
+            while (remaining > 0) if decoder is None else (not decoder.done):
+                if decoder is None:
+                    data = await reader.read(min(READ_SIZE, remaining))
+                    payload = (data,)
+                    remaining -= len(data)
+                else:
+                    # Never read past this body: the next pipelined request may follow it.
+                    wanted = decoder.data_remaining
+                    data = await (reader.read(min(READ_SIZE, wanted)) if wanted else reader.readuntil(b"\n"))
+                    payload = decoder.feed(data)[1] if data else ()
+                if not data:
+                    raise _ClientGone()
+                await self._send_upstream(data)
+                call.request_bytes += len(data)
+                for piece in payload:
+                    tap.request_chunk(piece)
+        except (asyncio.IncompleteReadError, *_CONNECTION_ERRORS) as exc:
+            raise _ClientGone() from exc
+        except (ProtocolError, asyncio.LimitOverrunError) as exc:
+            raise ClientError(400, f"malformed chunked request body ({exc}).") from exc
+        tap.request_complete()
+        tap.request_done()
+
+    # ---- the provider's side ----------------------------------------------------------------
+
+    async def _ensure_upstream(self) -> bool:
+        """Open (or keep) the verified upstream connection; True when an open one is reused."""
+        up_reader = self.up_reader
+        if (self.up_writer is not None and not self.up_writer.is_closing()
+                and not up_reader.at_eof() and not has_buffered_bytes(up_reader)):
+            return True
+        # Closed, or it sent bytes nobody asked for (a framing violation): start afresh.
+        close_quietly(self.up_writer)
+        address, port = self.upstream_address
+        where = self.host if (address, port) == (self.host, 443) else f"{self.host} (via {address}:{port})"
+        timeout_s = self.owner.connect_timeout_s
+        try:
+            # One deadline for TCP and TLS together; asyncio's own handshake timeout sits behind
+            # it so that a stalled handshake also ends as a 504.
+            async with asyncio.timeout(timeout_s):
+                self.up_reader, self.up_writer = await asyncio.open_connection(
+                    address, port, ssl=self.owner.upstream_ssl, server_hostname=self.host,
+                    limit=MAX_HEAD_BYTES, ssl_handshake_timeout=timeout_s + 5,
+                )
+        except ssl.SSLCertVerificationError as exc:
+            raise UpstreamError(502, (
+                f"the certificate presented by {where} failed verification "
+                f"({exc.verify_message}); the call was not sent. If you reach {self.host} through "
+                "a gateway with its own CA, pass that CA with --upstream-ca FILE."
+            )) from exc
+        except TimeoutError as exc:
+            raise UpstreamError(504, f"timed out connecting to {where}.") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise UpstreamError(502, f"could not connect to {where} ({exc}).") from exc
+        return False
+
+    async def _send_upstream(self, data: bytes) -> None:
+        try:
+            self.up_writer.write(data)
+            await self.up_writer.drain()
+        except _CONNECTION_ERRORS as exc:
+            raise UpstreamError(502, f"connection to {self.host} failed while sending the request ({exc}).") from exc
+
+    async def _read_response_head(self, request: RequestHead, call: CallRow, t0: float) -> ResponseHead:
+        while True:
+            try:
+                raw = await self.up_reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as exc:
+                raise UpstreamError(502, f"{self.host} closed the connection without answering.",
+                                    nothing_received=not exc.partial) from exc
+            except asyncio.LimitOverrunError as exc:
+                raise UpstreamError(502, f"{self.host} sent a response head over "
+                                         f"{MAX_HEAD_BYTES // 1024} KiB.") from exc
+            except _CONNECTION_ERRORS as exc:
+                raise UpstreamError(502, f"connection to {self.host} failed ({exc}).") from exc
+            try:
+                response = parse_response_head(raw)
+            except ProtocolError as exc:
+                raise UpstreamError(502, f"{self.host} sent a malformed response ({exc}).") from exc
+            if 100 <= response.status < 200 and response.status != 101:
+                # Interim responses (100 Continue, 103 Early Hints) pass through as they are,
+                # except to HTTP/1.0 clients, which must not get them (RFC 9110 15.2).
+                if request.version != "HTTP/1.0":
+                    await self._to_client(raw, call)
+                continue
+            call.ttfb_ms = (time.perf_counter() - t0) * 1000.0
+            return response
+
+    async def _read_upstream(self, size: int = READ_SIZE, *, eof_ends_body: bool = False) -> bytes:
+        try:
+            data = await self.up_reader.read(size)
+        except _CONNECTION_ERRORS as exc:
+            raise UpstreamError(502, f"connection to {self.host} failed mid-response ({exc}).") from exc
+        if not data and not eof_ends_body:
+            raise UpstreamError(502, f"{self.host} closed the connection mid-response.")
+        return data
+
+    # ---- the client's side ------------------------------------------------------------------
+
+    async def _to_client(self, data: bytes, call: CallRow) -> None:
+        try:
+            self.writer.write(data)
+            call.response_bytes += len(data)
+            await self.writer.drain()
+        except _CONNECTION_ERRORS as exc:
+            raise _ClientGone() from exc
+
+    async def _relay_response(self, request: RequestHead, response: ResponseHead, call: CallRow,
+                              tap: Tap) -> bool:
+        try:
+            kind, length = response_framing(request.method, response)
+        except ProtocolError as exc:
+            raise UpstreamError(502, f"{self.host} sent unusable framing ({exc}).") from exc
+        call.status = response.status
+        self.response_started = True
+        await self._to_client(response.raw, call)
+        tap.response_head(response)
+        if response.status == 101:
+            # Upgraded (websocket): raw bytes both ways until either side closes, unparsed. A
+            # client closing now is the normal end, not a cancel.
+            self.in_call = False
+            totals = [0, 0]
+            try:
+                await splice(self.reader, self.writer, self.up_reader, self.up_writer, totals=totals)
+            finally:
+                call.request_bytes += totals[0]
+                call.response_bytes += totals[1]
+            return False
+        await self._relay_body(kind, length, call, tap)
+        if has_buffered_bytes(self.up_reader):
+            self._drop_upstream()  # it sent more than the response: never read it as the next one
+        # The client got exactly the provider's framing, so it can go on unless that was "until
+        # close" or either side asked to close.
+        return (kind is not BodyKind.CLOSE
+                and not wants_close(request.version, request.headers)
+                and not wants_close(response.version, response.headers))
+
+    def _drop_upstream(self) -> None:
+        close_quietly(self.up_writer)
+        self.up_writer = self.up_reader = None
+
+    async def _relay_body(self, kind: BodyKind, length: int, call: CallRow, tap: Tap) -> None:
+        """Forward the response body as it arrives, one read at a time."""
+        tap_chunk = tap.response_chunk
+        if kind is BodyKind.CHUNKED:
+            decoder = ChunkedDecoder()
+            while not decoder.done:
+                data = await self._read_upstream()
+                try:
+                    used, payload = decoder.feed(data)
+                except ProtocolError as exc:
+                    # Forward what came anyway; without framing the connection cannot go on.
+                    await self._to_client(data, call)
+                    raise UpstreamError(502, f"{self.host} sent broken chunked framing ({exc}).") from exc
+                extra = used < len(data)
+                await self._to_client(data[:used] if extra else data, call)
+                for piece in payload:
+                    tap_chunk(piece)
+                if extra:
+                    self._drop_upstream()  # bytes after the end: a violation, never forwarded
+        elif kind is BodyKind.CLOSE:
+            while data := await self._read_upstream(eof_ends_body=True):
+                await self._to_client(data, call)
+                tap_chunk(data)
+        else:
+            remaining = length if kind is BodyKind.LENGTH else 0
+            while remaining:
+                data = await self._read_upstream(min(READ_SIZE, remaining))
+                remaining -= len(data)
+                await self._to_client(data, call)
+                tap_chunk(data)
