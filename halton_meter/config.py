@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -106,14 +107,19 @@ def parse_upstream(text: str) -> tuple[str, tuple[str, int]]:
 
 
 def check_loopback(address: str) -> None:
-    """Refuse any listen address that is not loopback: the proxy must never face a network."""
-    if address == "localhost":
-        return
+    """Refuse any listen address that is not loopback: the proxy must never face a network.
+
+    A name (`localhost`) is accepted only if every address it resolves to is loopback.
+    """
     try:
-        is_loopback = ipaddress.ip_address(address).is_loopback
+        candidates = [ipaddress.ip_address(address)]
     except ValueError:
-        is_loopback = False
-    if not is_loopback:
+        try:
+            candidates = [ipaddress.ip_address(info[4][0].split("%")[0])
+                          for info in socket.getaddrinfo(address, None)]
+        except (socket.gaierror, UnicodeError, ValueError):
+            candidates = []
+    if not candidates or not all(ip.is_loopback for ip in candidates):
         raise ConfigError(
             f"Refusing to listen on {address}: halton-meter binds loopback only. "
             "Use 127.0.0.1 (the default) or ::1."
