@@ -229,11 +229,14 @@ async def _send(writer, head: RequestHead, status: int, body: bytes, content_typ
     else:
         fields.append(("Content-Length", str(len(body))))
     head_bytes = _head(status, fields)
-    if head.method == "HEAD" and "x-fake-extra" not in options:
-        writer.write(head_bytes)
+    # Stray bytes go out in the same write as the response, as a server with a framing bug
+    # flushes them: a later write would be indistinguishable from the next response.
+    extra = options.get("x-fake-extra", "").encode().replace(b"\\r\\n", b"\r\n")
+    if head.method == "HEAD":
+        writer.write(head_bytes + (body + extra if extra else b""))
     elif options.get("x-fake-chunked") and not options.get("x-fake-close"):
         half = len(body) // 2
-        writer.write(head_bytes + _chunk(body[:half]) + _chunk(body[half:]) + b"0\r\n\r\n")
+        writer.write(head_bytes + _chunk(body[:half]) + _chunk(body[half:]) + b"0\r\n\r\n" + extra)
     else:
         reset_after = options.get("x-fake-reset-after")
         if reset_after is not None:
@@ -241,9 +244,7 @@ async def _send(writer, head: RequestHead, status: int, body: bytes, content_typ
             await writer.drain()
             _reset(writer)
             return False
-        writer.write(head_bytes + body)
-    if "x-fake-extra" in options:
-        writer.write(options["x-fake-extra"].encode().replace(b"\\r\\n", b"\r\n"))
+        writer.write(head_bytes + body + extra)
     await writer.drain()
     return keep_alive
 

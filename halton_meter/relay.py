@@ -34,7 +34,7 @@ from halton_meter.http1 import (
 from halton_meter.ledger import CallRow
 from halton_meter.redaction import redact_target
 from halton_meter.tap import Tap
-from halton_meter.tunnel import READ_SIZE, close_quietly, has_buffered_bytes, splice
+from halton_meter.tunnel import READ_SIZE, close_quietly, has_buffered_bytes, has_unread_input, splice
 
 log = logging.getLogger(__name__)
 
@@ -348,9 +348,8 @@ class Relay:
 
     async def _ensure_upstream(self) -> bool:
         """Open (or keep) the verified upstream connection; True when an open one is reused."""
-        up_reader = self.up_reader
         if (self.up_writer is not None and not self.up_writer.is_closing()
-                and not up_reader.at_eof() and not has_buffered_bytes(up_reader)):
+                and not has_unread_input(self.up_reader, self.up_writer)):
             return True
         # Closed, or it sent bytes nobody asked for (a framing violation): start afresh.
         close_quietly(self.up_writer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 
 READ_SIZE = 64 * 1024
@@ -82,6 +83,24 @@ def has_buffered_bytes(reader: asyncio.StreamReader | None) -> bool:
     ClientHello sent together with CONNECT.
     """
     return bool(getattr(reader, "_buffer", None))
+
+
+def has_unread_input(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """True when an idle connection has input waiting: in the reader, or still in the socket.
+
+    An idle HTTP connection must be silent; one that is readable (stray bytes or a close) is not
+    reused. The socket poll catches bytes the event loop has not read into the reader yet.
+    """
+    if has_buffered_bytes(reader) or reader.at_eof():
+        return True
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def close_quietly(writer: asyncio.StreamWriter | None) -> None:
