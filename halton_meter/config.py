@@ -16,6 +16,7 @@ from pathlib import Path
 DEFAULT_PORT = 8081
 DEFAULT_LISTEN = "127.0.0.1"
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
+DEFAULT_SHUTDOWN_GRACE_S = 2.0
 
 
 class ConfigError(Exception):
@@ -33,6 +34,8 @@ class Settings:
     upstream_ca_files: tuple[Path, ...] = ()
     # TCP connect plus TLS handshake to an upstream; past it the client gets a 504.
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    # On SIGTERM, how long calls in flight may go on before they are cut (`interrupted`).
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
 
     @property
     def db_path(self) -> Path:
@@ -147,6 +150,7 @@ def _from_file(home: Path) -> Settings:
             port=int(proxy.get("port", DEFAULT_PORT)),
             listen=str(proxy.get("listen", DEFAULT_LISTEN)),
             connect_timeout_s=float(proxy.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)),
+            shutdown_grace_s=float(proxy.get("shutdown_grace_s", DEFAULT_SHUTDOWN_GRACE_S)),
             upstreams=upstreams,
             upstream_ca_files=tuple(
                 Path(p).expanduser().resolve() for p in proxy.get("upstream_ca", [])

@@ -84,7 +84,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
         await stop.wait()
     finally:
         try:
-            await server.close()
+            await server.close(settings.shutdown_grace_s)
             await asyncio.to_thread(ledger.close)
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):

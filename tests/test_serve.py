@@ -161,6 +161,7 @@ def test_silent_upstream_times_out_with_504(tmp_path, fake):
 
 
 def test_second_signal_skips_the_grace_period_but_keeps_the_rows(tmp_path, fake):
+    (tmp_path / "config.toml").write_text("[proxy]\nshutdown_grace_s = 20\n")
     proxy = start_serve(tmp_path, *upstream_args(fake))
     held = proxy.connection()
     held.request("POST", "/v1/messages", body=messages_body(stream=True),
@@ -172,12 +173,13 @@ def test_second_signal_skips_the_grace_period_but_keeps_the_rows(tmp_path, fake)
     time.sleep(0.1)
     proxy.process.send_signal(signal.SIGTERM)
     assert proxy.process.wait(15) == 0
-    assert time.monotonic() - started < 1.5  # the 2 s grace period was cut short
+    assert time.monotonic() - started < 10  # the 20 s grace period was cut short
     db = sqlite3.connect(proxy.db)
     assert db.execute("SELECT outcome FROM calls WHERE project = 'held'").fetchall() == [("interrupted",)]
 
 
 def test_idle_kept_alive_connections_do_not_delay_shutdown(tmp_path, fake):
+    (tmp_path / "config.toml").write_text("[proxy]\nshutdown_grace_s = 20\n")
     proxy = start_serve(tmp_path, *upstream_args(fake))
     idle = proxy.connection()
     idle.request("POST", "/v1/messages", body=messages_body(), headers={"content-type": "application/json"})
@@ -185,5 +187,5 @@ def test_idle_kept_alive_connections_do_not_delay_shutdown(tmp_path, fake):
     started = time.monotonic()
     proxy.process.send_signal(signal.SIGTERM)
     assert proxy.process.wait(15) == 0
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 10  # not the 20 s grace: nothing was in flight
     idle.close()
