@@ -75,6 +75,7 @@ class ProxyServer:
         if self._server is not None:
             self._server.close()
         self.interceptor.begin_shutdown()
+        await asyncio.sleep(0)  # connections accepted a moment ago start, see the flag, and end
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         pending = set(self._tasks)
@@ -103,6 +104,8 @@ class ProxyServer:
         task = asyncio.current_task()
         self._tasks.add(task)
         try:
+            if self.interceptor.shutting_down:
+                return  # accepted just before the listener closed
             await self._serve(reader, writer, protocol)
         except asyncio.CancelledError:
             pass
@@ -141,20 +144,22 @@ class ProxyServer:
         except ValueError as exc:
             return await reply_error(writer, 400, str(exc))
         provider = host.lower().rstrip(".") if is_provider_host(host) and port == 443 else None
-        if provider is not None and has_buffered_bytes(reader):
-            # The client sent its TLS ClientHello without waiting for our 200: those bytes are
-            # already read and cannot reach our TLS layer. Fail open: tunnel it unmetered.
-            log.warning("connect_pipelined host=%s action=blind_tunnel", provider)
-        elif provider is not None:
+        if provider is not None:
             try:
                 context = await self.interceptor.server_context(provider)
             except Exception as exc:  # noqa: BLE001 - fail open: the provider is still reachable blind
                 log.error("intercept_unavailable host=%s error=%r action=blind_tunnel", provider, exc)
             else:
-                writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-                # No await between the 200 and start_tls: the ClientHello must reach TLS, not us.
-                return await self.interceptor.handle(
-                    reader, writer, protocol, provider, port, context, project=proxy_user(head))
+                if has_buffered_bytes(reader):
+                    # The client sent its TLS ClientHello without waiting for our 200: those bytes
+                    # are already read and cannot reach our TLS layer. Fail open: tunnel unmetered.
+                    log.warning("connect_pipelined host=%s action=blind_tunnel", provider)
+                else:
+                    writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    # No await between this check, the 200 and start_tls: the ClientHello must
+                    # reach TLS, not us.
+                    return await self.interceptor.handle(
+                        reader, writer, protocol, provider, port, context, project=proxy_user(head))
         # Unmetered; a provider still goes to the address the user configured for it (a gateway).
         address, target_port = self.interceptor.upstreams.get(provider, (host, port)) if provider else (host, port)
         await _blind_tunnel(address, target_port, reader, writer, self.interceptor.connect_timeout_s)

@@ -15,7 +15,7 @@ Request headers steer it (all optional):
   x-fake-reset-after: N  send N body bytes, then reset the connection
   x-fake-body-bytes: N   non-streaming body padded to about N bytes
 Misbehaviours, for the proxy's defences:
-  x-fake-hangup: 1       read the request, then close without answering
+  x-fake-hangup: 1       read the request, then close without answering (`reset`: with a reset)
   x-fake-extra: TEXT     send TEXT after a complete response (a framing violation)
   x-fake-reject-expect: NNN  answer `Expect: 100-continue` with this final status, no 100
   x-fake-id: ID          counted in `FakeProvider.seen_ids` (how often a request arrived)
@@ -127,6 +127,8 @@ class FakeProvider:
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         size, digest, body = await _read_body(head, reader)
         if options.get("x-fake-hangup"):
+            if options["x-fake-hangup"] == "reset":
+                _reset(writer)
             return False
         base = [("x-fake-connection-requests", str(nth)), ("x-fake-received-bytes", str(size)),
                 ("x-fake-received-sha256", digest), ("request-id", f"req_fake_{self.requests_served}")]

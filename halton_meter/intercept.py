@@ -82,8 +82,8 @@ class Interceptor:
         """No new calls; idle kept-alive connections close now, calls in flight may finish."""
         self.shutting_down = True
         for relay in list(self._relays):
-            if not relay.in_call:
-                relay.cancel()
+            if relay.idle:
+                relay.cancel("interrupted")
 
 
 def shrink_tls_read_buffers(size: int = READ_SIZE) -> None:

@@ -112,6 +112,8 @@ class Ledger:
         self.path = path
         self.rows_written = 0
         self.rows_lost = 0
+        self._closed = False
+        self._in_flight = 0  # rows taken off the queue and not yet written or lost
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -125,12 +127,20 @@ class Ledger:
             raise self._startup_error
 
     def record(self, row: CallRow) -> None:
+        if self._closed:
+            self._lose(1)  # after shutdown: counted, never silently dropped
+            return
         self._queue.put(row)
 
     def close(self, timeout: float = 30.0) -> None:
+        """Flush every pending row; rows still unwritten after `timeout` are counted as lost."""
+        self._closed = True
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
+        if self._thread.is_alive():
+            # Stuck (a lock held elsewhere, a hung disk): the process is about to exit with it.
+            self._lose(self._queue.qsize() + self._in_flight)
 
     def _run(self) -> None:
         try:
@@ -153,8 +163,10 @@ class Ledger:
                     stopping = True
                     batch = [row for row in batch if row is not _STOP]
                     batch.extend(self._drain())
+                self._in_flight = len(batch)
                 for start in range(0, len(batch), MAX_BATCH_ROWS):
                     self._write(db, batch[start : start + MAX_BATCH_ROWS])
+                    self._in_flight = max(0, self._in_flight - MAX_BATCH_ROWS)
         finally:
             db.close()
 
@@ -171,7 +183,9 @@ class Ledger:
     def _write(self, db: sqlite3.Connection, rows: list[CallRow]) -> None:
         """Commit `rows` in one transaction; never raises, so the writer thread never dies.
 
-        A batch that keeps failing is retried row by row, so one bad row costs only itself.
+        A batch rejected for its content is retried row by row, so one bad row costs only itself;
+        a database that is locked, full or read-only gets three tries, then the batch is lost
+        (counted and logged).
         """
         if not rows:
             return
@@ -180,12 +194,13 @@ class Ledger:
                 self._insert(db, rows)
                 self.rows_written += len(rows)
                 return
-            except sqlite3.IntegrityError:
-                break  # will not go away with time
-            except Exception as exc:  # noqa: BLE001 - disk full, locked, read-only, a bug...
+            except sqlite3.OperationalError as exc:
                 log.error("ledger_write_failed rows=%d attempt=%d error=%r", len(rows), attempt + 1, exc)
                 time.sleep(RETRY_PAUSE_S * (attempt + 1))
-        self._write_one_by_one(db, rows)
+            except Exception:  # noqa: BLE001 - a row sqlite rejects (constraint, unbindable value)
+                self._write_one_by_one(db, rows)
+                return
+        self._lose(len(rows))
 
     def _write_one_by_one(self, db: sqlite3.Connection, rows: list[CallRow]) -> None:
         for row in rows:
@@ -204,7 +219,10 @@ class Ledger:
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
-                db.execute("ROLLBACK")
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # the original error is the one worth reporting
             raise
 
     def _lose(self, count: int) -> None:

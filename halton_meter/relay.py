@@ -34,12 +34,15 @@ from halton_meter.http1 import (
 from halton_meter.ledger import CallRow
 from halton_meter.redaction import redact_target
 from halton_meter.tap import Tap
-from halton_meter.tunnel import READ_SIZE, close_quietly, has_buffered_bytes, has_unread_input, splice
+from halton_meter.tunnel import READ_SIZE, close_quietly, has_buffered_bytes, has_unread_input, settle, splice
 
 log = logging.getLogger(__name__)
 
 INLINE_BODY_BYTES = 64 * 1024  # request bodies up to this size go out in one write with the head
 CLIENT_IDLE_TIMEOUT_S = 300.0
+# After answering before the client finished its upload, read and drop its remaining bytes this
+# long before closing: closing with unread data sends a TCP reset that can wipe the answer.
+UNREAD_BODY_DRAIN_S = 2.0
 # RFC 9110 9.2.2: only these may be repeated automatically after a connection failure.
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Encodings the tap can decode with zlib; anything else is dropped from Accept-Encoding.
@@ -135,8 +138,11 @@ class Relay:
         self.project = project
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
-        self.in_call = False
+        self.idle = False  # waiting for the client's next request: shutdown may close it now
+        self.in_call = False  # a response is due: losing the client cancels the call
+        self.cancel_reason: str | None = None  # the outcome a cancellation of this relay means
         self.response_started = False
+        self.unread_request_body = False
         self.task = asyncio.current_task()
         self.protocol = protocol
         protocol.on_lost = self._client_lost
@@ -145,16 +151,19 @@ class Relay:
         # The client hung up: stop the call now (and so the provider's generation) rather than
         # at the next chunk, which may be a long thinking pause away.
         if self.in_call:
-            self.cancel()
+            self.cancel("client_cancelled")
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str) -> None:
         if self.task is not None and not self.task.done():
+            self.cancel_reason = self.cancel_reason or reason
             self.task.cancel()
 
     async def run(self) -> None:
         try:
             while await self._next_call():
                 pass
+            if self.unread_request_body:
+                await self._drain_client()
         finally:
             close_quietly(self.up_writer)
             close_quietly(self.writer)
@@ -163,7 +172,18 @@ class Relay:
             self.protocol.on_lost = None
             self.task = self.protocol = None
 
+    async def _drain_client(self) -> None:
+        try:
+            async with asyncio.timeout(UNREAD_BODY_DRAIN_S):
+                while await self.reader.read(READ_SIZE):
+                    pass
+        except (TimeoutError, *_CONNECTION_ERRORS):
+            pass
+
     async def _next_call(self) -> bool:
+        if self.owner.shutting_down:
+            return False
+        self.idle = True
         try:
             async with asyncio.timeout(CLIENT_IDLE_TIMEOUT_S):
                 raw = await self.reader.readuntil(b"\r\n\r\n")
@@ -172,6 +192,8 @@ class Relay:
             return False
         except (asyncio.IncompleteReadError, TimeoutError, *_CONNECTION_ERRORS):
             return False
+        finally:
+            self.idle = False
         try:
             head = parse_request_head(raw)
             kind, length = request_framing(head)
@@ -200,7 +222,7 @@ class Relay:
             keep_alive = await self._exchange(head, kind, length, call, tap, t0)
             complete = True
         except asyncio.CancelledError:
-            call.outcome = "interrupted" if self.owner.shutting_down else "client_cancelled"
+            call.outcome = self.cancel_reason or ("interrupted" if self.owner.shutting_down else "client_cancelled")
             raise
         except _ClientGone:
             call.outcome = "client_cancelled"
@@ -271,11 +293,12 @@ class Relay:
         call.request_bytes = len(first)
 
         reused = await self._ensure_upstream()
-        await self._send_upstream(first)
         if not inline:
+            await self._send_upstream(first)
             return await self._exchange_streamed_body(head, kind, length, call, tap, t0)
-        tap.request_done()  # parsed only once the bytes are on their way
         try:
+            await self._send_upstream(first)
+            tap.request_done()  # parsed only once the bytes are on their way
             response = await self._read_response_head(head, call, t0)
         except UpstreamError as exc:
             # A kept-alive upstream may have closed just as we reused it. Repeat the request on a
@@ -286,35 +309,33 @@ class Relay:
             self._drop_upstream()
             await self._ensure_upstream()
             await self._send_upstream(first)
+            call.request_bytes += len(first)
             response = await self._read_response_head(head, call, t0)
         return await self._relay_response(head, response, call, tap)
 
     async def _exchange_streamed_body(self, head: RequestHead, kind: BodyKind, length: int,
                                       call: CallRow, tap: Tap, t0: float) -> bool:
-        """Send a large or `Expect: 100-continue` body while watching for the provider's answer."""
+        """Send a large or `Expect: 100-continue` body while watching for the provider's answer.
+
+        A provider may answer (413, 417…) and close before the body is sent: its answer wins over
+        the failed send. Only a fault on the client's side ends the call before the answer.
+        """
         body_task = asyncio.create_task(self._pump_request(kind, length, tap, call))
         head_task = asyncio.create_task(self._read_response_head(head, call, t0))
         try:
             done, _ = await asyncio.wait({body_task, head_task}, return_when=asyncio.FIRST_COMPLETED)
-            if body_task in done and body_task.exception() is not None:
+            if body_task in done and isinstance(body_task.exception(), (ClientError, _ClientGone)):
                 raise body_task.exception()
             response = await head_task
             keep_alive = await self._relay_response(head, response, call, tap)
-            if not body_task.done():
-                # The provider answered before the whole body was sent (e.g. 413): stop sending,
-                # and the connections cannot be reused mid-body.
+            if not body_task.done() or body_task.exception() is not None:
+                # Answered before the whole body went out: neither connection can be reused,
+                # and the rest of the client's upload is still unread.
+                self.unread_request_body = True
                 keep_alive = False
-            elif body_task.exception() is not None:
-                raise body_task.exception()
             return keep_alive
         finally:
-            for task in (head_task, body_task):
-                if not task.done():
-                    task.cancel()
-            # wait() never raises the children's errors, and our own cancellation still propagates.
-            await asyncio.wait({head_task, body_task})
-            if not body_task.cancelled():
-                body_task.exception()  # retrieved: no "exception was never retrieved" noise
+            await settle({head_task, body_task})
 
     async def _pump_request(self, kind: BodyKind, length: int, tap: Tap, call: CallRow) -> None:
         reader = self.reader
@@ -381,20 +402,24 @@ class Relay:
             self.up_writer.write(data)
             await self.up_writer.drain()
         except _CONNECTION_ERRORS as exc:
-            raise UpstreamError(502, f"connection to {self.host} failed while sending the request ({exc}).") from exc
+            raise UpstreamError(502, f"connection to {self.host} failed while sending the request ({exc}).",
+                                nothing_received=True) from exc
 
     async def _read_response_head(self, request: RequestHead, call: CallRow, t0: float) -> ResponseHead:
+        interim_seen = False
         while True:
             try:
                 raw = await self.up_reader.readuntil(b"\r\n\r\n")
             except asyncio.IncompleteReadError as exc:
                 raise UpstreamError(502, f"{self.host} closed the connection without answering.",
-                                    nothing_received=not exc.partial) from exc
+                                    nothing_received=not (exc.partial or interim_seen)) from exc
             except asyncio.LimitOverrunError as exc:
                 raise UpstreamError(502, f"{self.host} sent a response head over "
                                          f"{MAX_HEAD_BYTES // 1024} KiB.") from exc
             except _CONNECTION_ERRORS as exc:
-                raise UpstreamError(502, f"connection to {self.host} failed ({exc}).") from exc
+                silent = not (interim_seen or has_buffered_bytes(self.up_reader))
+                raise UpstreamError(502, f"connection to {self.host} failed ({exc}).",
+                                    nothing_received=silent) from exc
             try:
                 response = parse_response_head(raw)
             except ProtocolError as exc:
@@ -404,6 +429,7 @@ class Relay:
                 # except to HTTP/1.0 clients, which must not get them (RFC 9110 15.2).
                 if request.version != "HTTP/1.0":
                     await self._to_client(raw, call)
+                interim_seen = True
                 continue
             call.ttfb_ms = (time.perf_counter() - t0) * 1000.0
             return response
@@ -439,7 +465,7 @@ class Relay:
         tap.response_head(response)
         if response.status == 101:
             # Upgraded (websocket): raw bytes both ways until either side closes, unparsed. A
-            # client closing now is the normal end, not a cancel.
+            # client closing now is the normal end, not a cancel (and it is not idle either).
             self.in_call = False
             totals = [0, 0]
             try:
@@ -449,6 +475,7 @@ class Relay:
                 call.response_bytes += totals[1]
             return False
         await self._relay_body(kind, length, call, tap)
+        self.in_call = False  # the whole response is with the client: leaving now is normal
         if has_buffered_bytes(self.up_reader):
             self._drop_upstream()  # it sent more than the response: never read it as the next one
         # The client got exactly the provider's framing, so it can go on unless that was "until

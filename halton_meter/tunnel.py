@@ -34,13 +34,31 @@ async def splice(
         if pending:
             await asyncio.wait(pending, timeout=linger_s)
     finally:
-        for task in pumps:
-            task.cancel()
-        # wait() never raises the pumps' errors, and our own cancellation still propagates.
-        await asyncio.wait(pumps)
         close_quietly(a_writer)
         close_quietly(b_writer)
+        await settle(pumps)
     return totals
+
+
+async def settle(tasks: set[asyncio.Task]) -> None:
+    """Cancel child tasks and wait until they have ended, retrieving every error they raised.
+
+    Waiting goes on even if we are cancelled meanwhile (a client leaving during shutdown), so no
+    child outlives its parent; our own cancellation is re-raised once they are done.
+    """
+    for task in tasks:
+        task.cancel()
+    cancelled = False
+    while not all(task.done() for task in tasks):
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            cancelled = True
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: no "Task exception was never retrieved"
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, totals: list[int],

@@ -131,3 +131,21 @@ def test_writer_survives_an_unexpected_error(tmp_path, monkeypatch):
     db = sqlite3.connect(tmp_path / "db.sqlite")
     assert [r[0] for r in db.execute("SELECT call_id FROM calls")] == ["call-2"]
     assert ledger.rows_lost == 1
+
+
+def test_rows_stuck_behind_a_lock_at_close_are_counted_lost(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger_module, "RETRY_PAUSE_S", 0)
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    blocker = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        for n in range(3):
+            ledger.record(row(n))
+        ledger.close(timeout=1.0)
+        assert ledger.rows_lost == 3 and ledger.rows_written == 0
+        ledger.record(row(9))  # after close: counted too
+        assert ledger.rows_lost == 4
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()

@@ -635,3 +635,42 @@ def test_client_hello_sent_with_connect_falls_back_to_a_blind_tunnel(proxy, fake
     sock.close()
     time.sleep(0.3)
     assert sqlite_count(proxy) == before
+
+
+@pytest.mark.parametrize("method, sent", [("GET", 2), ("POST", 1)])
+def test_reset_on_a_reused_upstream_is_retried_only_when_safe(proxy, fake, method, sent):
+    request_id = uuid.uuid4().hex
+    conn = proxy.connection()
+    conn.request("GET", "/v1/models")
+    conn.getresponse().read()
+    conn.request(method, "/v1/models", body=b"{}" if method == "POST" else None,
+                 headers={"x-fake-hangup": "reset", "x-fake-id": request_id})
+    assert conn.getresponse().status == 502
+    conn.close()
+    assert fake.seen_ids[request_id] == sent
+
+
+def test_provider_refusing_an_upload_early_is_what_the_client_sees(proxy):
+    """413 + close before the body is sent: the client gets the 413, not a 502 of ours."""
+    body = b"x" * (4 << 20)
+    for attempt in range(4):
+        name = project()
+        sock = raw_tunnel(proxy)
+        sock.sendall((f"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nExpect: 100-continue\r\n"
+                      f"Content-Length: {len(body)}\r\nx-fake-reject-expect: 413\r\n"
+                      f"x-halton-project: {name}\r\n\r\n").encode())
+        uploader = threading.Thread(target=lambda: _send_quietly(sock, body))
+        uploader.start()  # a client that does not wait for 100 Continue
+        answer = read_until(sock, b"\r\n\r\n")
+        uploader.join(10)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 413"), (attempt, answer[:100])
+        [row] = proxy.wait_rows(name)
+        assert row["status"] == 413 and row["outcome"] == "provider_error"
+
+
+def _send_quietly(sock, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass

@@ -189,3 +189,41 @@ def test_idle_kept_alive_connections_do_not_delay_shutdown(tmp_path, fake):
     assert proxy.process.wait(15) == 0
     assert time.monotonic() - started < 10  # not the 20 s grace: nothing was in flight
     idle.close()
+
+
+def test_client_leaving_during_the_grace_period_is_a_cancel_not_an_interrupt(tmp_path, fake):
+    (tmp_path / "config.toml").write_text("[proxy]\nshutdown_grace_s = 20\n")
+    proxy = start_serve(tmp_path, *upstream_args(fake))
+    held = proxy.connection()
+    held.request("POST", "/v1/messages", body=messages_body(stream=True),
+                 headers={"content-type": "application/json", "x-halton-project": "leaver",
+                          "x-fake-hold-s": "30"})
+    held.getresponse().read1(1024)
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    started = time.monotonic()
+    held.sock.close()
+    held.close()
+    assert proxy.process.wait(15) == 0
+    assert time.monotonic() - started < 10  # nothing left in flight once it left
+    db = sqlite3.connect(proxy.db)
+    assert db.execute("SELECT outcome FROM calls WHERE project = 'leaver'").fetchall() == [("client_cancelled",)]
+
+
+def test_websocket_keeps_working_through_the_grace_period(tmp_path, fake):
+    from tests.test_proxy import raw_tunnel, read_until
+
+    (tmp_path / "config.toml").write_text("[proxy]\nshutdown_grace_s = 20\n")
+    proxy = start_serve(tmp_path, *upstream_args(fake))
+    sock = raw_tunnel(proxy)
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: api.anthropic.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"x-halton-project: ws\r\n\r\n")
+    assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    sock.sendall(b"still-here")
+    assert read_until(sock, b"still-here").endswith(b"still-here")
+    sock.close()
+    assert proxy.process.wait(15) == 0
+    db = sqlite3.connect(proxy.db)
+    assert db.execute("SELECT outcome FROM calls WHERE project = 'ws'").fetchall() == [("ok",)]
