@@ -123,6 +123,7 @@ class FakeProvider:
                 writer.write(_head(int(options["x-fake-reject-expect"]), [("Content-Length", "0"),
                                                                           ("Connection", "close")]))
                 await writer.drain()
+                await _linger(reader)
                 return False
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         size, digest, body = await _read_body(head, reader)
@@ -297,6 +298,17 @@ async def _websocket_echo(reader, writer, headers) -> bool:
         writer.write(data)
         await writer.drain()
     return False
+
+
+async def _linger(reader, seconds: float = 2.0) -> None:
+    """Read and drop what the client still sends before closing, as real servers do: closing
+    with unread input sends a reset, and a reset destroys the answer not yet read at the peer."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(65536):
+                pass
+    except (TimeoutError, ConnectionError, OSError):
+        pass
 
 
 def _head(status: int, fields: list[tuple[str, str]]) -> bytes:
