@@ -16,6 +16,15 @@ def row(n: int) -> CallRow:
                    method="POST", path="/v1/messages", status=200, request_bytes=n)
 
 
+def write_rows(tmp_path, rows) -> Ledger:
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    for item in rows:
+        ledger.record(item)
+    ledger.close()
+    return ledger
+
+
 def test_new_database_is_versioned_and_in_wal_mode(tmp_path):
     db = connect(tmp_path / "db.sqlite")
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -83,15 +92,9 @@ def test_a_lone_row_reaches_disk_within_a_second(tmp_path):
 
 def test_unwritable_database_counts_lost_rows_loudly(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(ledger_module, "RETRY_PAUSE_S", 0)
-    ledger = Ledger(tmp_path / "db.sqlite")
-    ledger.start()
-    ledger.record(row(1))
-    ledger.close()
+    write_rows(tmp_path, [row(1)])
     # A duplicate call_id violates the UNIQUE constraint: every retry fails, the loss is counted.
-    ledger = Ledger(tmp_path / "db.sqlite")
-    ledger.start()
-    ledger.record(row(1))
-    ledger.close()
+    ledger = write_rows(tmp_path, [row(1)])
     assert ledger.rows_lost == 1 and ledger.rows_written == 0
     assert "ledger_rows_lost" in caplog.text
 
@@ -104,15 +107,8 @@ def test_unopenable_database_fails_start(tmp_path):
 
 def test_one_bad_row_does_not_sink_its_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(ledger_module, "RETRY_PAUSE_S", 0)
-    ledger = Ledger(tmp_path / "db.sqlite")
-    ledger.start()
-    ledger.record(row(1))
-    ledger.close()
-    ledger = Ledger(tmp_path / "db.sqlite")
-    ledger.start()
-    for n in (2, 1, 3):  # call-1 is a duplicate; 2 and 3 are fine
-        ledger.record(row(n))
-    ledger.close()
+    write_rows(tmp_path, [row(1)])
+    ledger = write_rows(tmp_path, [row(n) for n in (2, 1, 3)])  # call-1 is a duplicate
     db = sqlite3.connect(tmp_path / "db.sqlite")
     assert sorted(r[0] for r in db.execute("SELECT call_id FROM calls")) == ["call-1", "call-2", "call-3"]
     assert ledger.rows_lost == 1 and ledger.rows_written == 2

@@ -35,6 +35,15 @@ def post(proxy, body: bytes, project_name: str, host: str = "api.anthropic.com",
     return response, data
 
 
+def open_stream(proxy, project_name: str, **fake_options: str):
+    """Start a streaming call steered by x-fake-* options; returns (connection, response)."""
+    conn = proxy.connection()
+    headers = {"content-type": "application/json", "x-halton-project": project_name}
+    headers.update({f"x-fake-{k.replace('_', '-')}": v for k, v in fake_options.items()})
+    conn.request("POST", "/v1/messages", body=messages_body(stream=True), headers=headers)
+    return conn, conn.getresponse()
+
+
 def read_until(sock: socket.socket, marker: bytes) -> bytes:
     data = b""
     while marker not in data:
@@ -316,11 +325,7 @@ def test_upstream_refused_gives_502_and_a_row(proxy):
 
 def test_upstream_reset_mid_stream(proxy):
     name = project()
-    conn = proxy.connection()
-    conn.request("POST", "/v1/messages", body=messages_body(stream=True),
-                 headers={"content-type": "application/json", "x-halton-project": name,
-                          "x-fake-reset-after": "3"})
-    response = conn.getresponse()
+    conn, response = open_stream(proxy, name, reset_after="3")
     assert response.status == 200
     with pytest.raises((http.client.IncompleteRead, ConnectionError)):
         response.read()
@@ -332,11 +337,7 @@ def test_upstream_reset_mid_stream(proxy):
 
 def test_client_cancel_mid_stream_is_recorded_promptly(proxy):
     name = project()
-    conn = proxy.connection()
-    conn.request("POST", "/v1/messages", body=messages_body(stream=True),
-                 headers={"content-type": "application/json", "x-halton-project": name,
-                          "x-fake-hold-s": "20"})
-    response = conn.getresponse()
+    conn, response = open_stream(proxy, name, hold_s="20")
     assert response.read1(65536).startswith(b"event: message_start")
     cancelled_at = time.monotonic()
     conn.sock.close()

@@ -22,6 +22,16 @@ def run_cli(home, *args, timeout=30):
                           text=True, env=subprocess_env(home), timeout=timeout)
 
 
+def open_held_stream(proxy, project: str):
+    """A streaming call whose provider sends the first event, then holds the rest for 30 s."""
+    held = proxy.connection()
+    held.request("POST", "/v1/messages", body=messages_body(stream=True),
+                 headers={"content-type": "application/json", "x-halton-project": project,
+                          "x-fake-hold-s": "30"})
+    held.getresponse().read1(1024)
+    return held
+
+
 def upstream_args(fake):
     return ("--upstream", f"api.anthropic.com=127.0.0.1:{fake.port}", "--upstream-ca", str(fake.ca_path))
 
@@ -85,11 +95,7 @@ def test_sigterm_flushes_every_row_and_interrupts_held_streams(tmp_path, fake):
                      headers={"content-type": "application/json", "x-halton-project": "flush"})
         conn.getresponse().read()
         conn.close()
-    held = proxy.connection()
-    held.request("POST", "/v1/messages", body=messages_body(stream=True),
-                 headers={"content-type": "application/json", "x-halton-project": "held",
-                          "x-fake-hold-s": "30"})
-    held.getresponse().read1(1024)
+    held = open_held_stream(proxy, "held")
     started = time.monotonic()
     proxy.process.send_signal(signal.SIGTERM)
     assert proxy.process.wait(15) == 0
@@ -163,11 +169,7 @@ def test_silent_upstream_times_out_with_504(tmp_path, fake):
 def test_second_signal_skips_the_grace_period_but_keeps_the_rows(tmp_path, fake):
     (tmp_path / "config.toml").write_text("[proxy]\nshutdown_grace_s = 20\n")
     proxy = start_serve(tmp_path, *upstream_args(fake))
-    held = proxy.connection()
-    held.request("POST", "/v1/messages", body=messages_body(stream=True),
-                 headers={"content-type": "application/json", "x-halton-project": "held",
-                          "x-fake-hold-s": "30"})
-    held.getresponse().read1(1024)
+    held = open_held_stream(proxy, "held")
     started = time.monotonic()
     proxy.process.send_signal(signal.SIGTERM)
     time.sleep(0.1)
@@ -194,11 +196,7 @@ def test_idle_kept_alive_connections_do_not_delay_shutdown(tmp_path, fake):
 def test_client_leaving_during_the_grace_period_is_a_cancel_not_an_interrupt(tmp_path, fake):
     (tmp_path / "config.toml").write_text("[proxy]\nshutdown_grace_s = 20\n")
     proxy = start_serve(tmp_path, *upstream_args(fake))
-    held = proxy.connection()
-    held.request("POST", "/v1/messages", body=messages_body(stream=True),
-                 headers={"content-type": "application/json", "x-halton-project": "leaver",
-                          "x-fake-hold-s": "30"})
-    held.getresponse().read1(1024)
+    held = open_held_stream(proxy, "leaver")
     proxy.process.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     started = time.monotonic()
