@@ -6,6 +6,8 @@ import asyncio
 import errno
 import logging
 import signal
+import sqlite3
+import ssl
 import sys
 from typing import TextIO
 
@@ -37,12 +39,25 @@ def prepare_ca(settings: Settings) -> CertificateAuthority:
 async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Event | None = None) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     shrink_tls_read_buffers()
-    ca = await asyncio.to_thread(prepare_ca, settings)
+    try:
+        ca = await asyncio.to_thread(prepare_ca, settings)
+    except OSError as exc:
+        raise ServeError(f"Cannot write the CA files under {settings.home} ({exc.strerror or exc}). "
+                         "Check that the directory is writable and the disk is not full.") from exc
     ledger = Ledger(settings.db_path)
-    ledger.start()
-    interceptor = Interceptor(ca, ledger, upstreams=settings.upstreams,
-                              upstream_ca_files=settings.upstream_ca_files,
-                              connect_timeout_s=settings.connect_timeout_s)
+    try:
+        ledger.start()
+    except sqlite3.Error as exc:
+        raise ServeError(f"Cannot open the ledger {settings.db_path} ({exc}). "
+                         "Check the file and its directory, or move it aside to start a new one.") from exc
+    try:
+        interceptor = Interceptor(ca, ledger, upstreams=settings.upstreams,
+                                  upstream_ca_files=settings.upstream_ca_files,
+                                  connect_timeout_s=settings.connect_timeout_s)
+    except ssl.SSLError as exc:
+        ledger.close()
+        raise ServeError(f"An --upstream-ca file is not a valid PEM certificate ({exc.reason}). "
+                         "Pass the gateway's CA certificate in PEM form.") from exc
     interceptor.preload(PROVIDER_HOSTS)
     server = ProxyServer(interceptor, listen=settings.listen, port=settings.port)
     try:

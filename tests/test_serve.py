@@ -225,3 +225,18 @@ def test_websocket_keeps_working_through_the_grace_period(tmp_path, fake):
     assert proxy.process.wait(15) == 0
     db = sqlite3.connect(proxy.db)
     assert db.execute("SELECT outcome FROM calls WHERE project = 'ws'").fetchall() == [("ok",)]
+
+
+def test_unreadable_ledger_is_a_clear_error(tmp_path):
+    (tmp_path / "db.sqlite").write_bytes(b"this is not a database" * 100)
+    result = run_cli(tmp_path, "serve", "--port", "0")
+    assert result.returncode == 1
+    assert "Cannot open the ledger" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_upstream_ca_that_is_not_pem_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "gateway-ca.pem"
+    bogus.write_text("not a certificate\n")
+    result = run_cli(tmp_path, "serve", "--port", "0", "--upstream-ca", str(bogus))
+    assert result.returncode == 1
+    assert "not a valid PEM certificate" in result.stderr and "Traceback" not in result.stderr
