@@ -271,6 +271,10 @@ class Relay:
         if call.outcome == "client_cancelled" and call.error is None:
             call.error = "client disconnected before the response ended"
         self.owner.ledger.record(call)
+        if log.isEnabledFor(logging.DEBUG):  # one line per call, never per chunk
+            log.debug("call call_id=%s host=%s method=%s path=%s status=%s outcome=%s stream=%s "
+                      "ttfb_ms=%.1f duration_ms=%.1f", call.call_id, call.host, call.method, call.path,
+                      call.status, call.outcome, call.is_stream, call.ttfb_ms or 0.0, call.duration_ms)
 
     # ---- one exchange ---------------------------------------------------------------------
 

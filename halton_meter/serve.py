@@ -82,7 +82,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal)
-    proxy_url = f"http://{settings.listen}:{port}"
+    host = f"[{settings.listen}]" if ":" in settings.listen else settings.listen
+    proxy_url = f"http://{host}:{port}"
     print(f"halton-meter listening on {proxy_url}", file=out)
     print(f"  CA certificate  {ca.ca_cert_path}", file=out)
     print(f"  CA SHA-256      {ca.fingerprint_sha256}", file=out)

@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from halton_meter.adapters import PROVIDER_HOSTS
 from halton_meter.tls.ca import CertificateAuthority
 from tests.conftest import messages_body, start_serve, stop_serve, subprocess_env
@@ -240,3 +242,42 @@ def test_upstream_ca_that_is_not_pem_is_a_clear_error(tmp_path):
     result = run_cli(tmp_path, "serve", "--port", "0", "--upstream-ca", str(bogus))
     assert result.returncode == 1
     assert "not a valid PEM certificate" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_debug_log_has_one_line_per_call_without_secrets(tmp_path, fake):
+    proxy = start_serve(tmp_path, *upstream_args(fake), "--log-level", "DEBUG")
+    conn = proxy.connection()
+    conn.request("POST", "/v1/messages?key=AIzaTOPSECRET", body=messages_body(),
+                 headers={"content-type": "application/json", "x-api-key": "sk-ant-api03-TOPSECRET"})
+    conn.getresponse().read()
+    conn.close()
+    assert stop_serve(proxy) == 0
+    time.sleep(0.2)
+    lines = [line for line in proxy.log_lines if " call call_id=" in line]
+    assert len(lines) == 1 and "path=/v1/messages?key=REDACTED" in lines[0] and "outcome=ok" in lines[0]
+    assert "TOPSECRET" not in proxy.log
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_ipv6_loopback_listen_prints_a_usable_url(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "halton_meter", "serve", "--listen", "::1", "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=subprocess_env(tmp_path))
+    line = process.stdout.readline()
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    port = int(line.rsplit(":", 1)[1])
+    with socket.create_connection(("::1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 400")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    assert line.startswith("halton-meter listening on http://[::1]:")
