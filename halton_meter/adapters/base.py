@@ -8,7 +8,7 @@ Provider adapters (next) override `on_event` / `on_json` to read usage.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from halton_meter.http1 import RequestHead, ResponseHead
 from halton_meter.sse import Event, SSEDecoder
@@ -25,11 +25,9 @@ class CallState:
     model: str | None = None
     is_stream: bool = False
     response_model: str | None = None
-    events: int = 0
     sse: SSEDecoder | None = None
     json_body: bytearray | None = None
     json_truncated: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class Adapter:
@@ -59,7 +57,6 @@ class Adapter:
     def feed(self, state: CallState, payload: bytes) -> None:
         if state.sse is not None:
             for event in state.sse.feed(payload):
-                state.events += 1
                 self.on_event(state, event)
         elif state.json_body is not None and not state.json_truncated:
             if len(state.json_body) + len(payload) > MAX_JSON_RESPONSE_BYTES:
@@ -72,7 +69,6 @@ class Adapter:
         """`complete` is False when the response ended early (cancel, reset): parse what was seen."""
         if state.sse is not None:
             for event in state.sse.close():
-                state.events += 1
                 self.on_event(state, event)
         elif state.json_body is not None and complete:
             self.on_json(state, json.loads(state.json_body) if state.json_body else None)
