@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from halton_meter.adapters.base import MAX_REQUEST_COPY_BYTES, Adapter, CallState
+from halton_meter.adapters.base import MAX_REQUEST_COPY_BYTES, REQUEST_SCAN_BYTES, Adapter, CallState
 from halton_meter.content_coding import ContentDecoder
 from halton_meter.http1 import RequestHead, ResponseHead
 
@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 class Tap:
     __slots__ = ("adapter", "call_id", "state", "parse_error", "_request", "_request_body",
-                 "_request_truncated", "_request_complete", "_request_parsed", "_decoder")
+                 "_request_truncated", "_request_tail", "_request_complete", "_request_parsed",
+                 "_decoder")
 
     def __init__(self, adapter: Adapter, call_id: str, request: RequestHead) -> None:
         self.adapter = adapter
@@ -27,16 +28,19 @@ class Tap:
         self._request = request
         self._request_body = bytearray()
         self._request_truncated = False
+        self._request_tail = b""
         self._request_complete = False
         self._request_parsed = False
         self._decoder: ContentDecoder | None = None
 
     def request_chunk(self, data: bytes) -> None:
         if self._request_truncated:
-            return
-        if len(self._request_body) + len(data) > MAX_REQUEST_COPY_BYTES:
+            # Too large to parse whole: keep the first and the last bytes for a model scan.
+            self._request_tail = (self._request_tail + data)[-REQUEST_SCAN_BYTES:]
+        elif len(self._request_body) + len(data) > MAX_REQUEST_COPY_BYTES:
             self._request_truncated = True
-            self._request_body = bytearray()
+            self._request_tail = (bytes(self._request_body[-REQUEST_SCAN_BYTES:]) + data)[-REQUEST_SCAN_BYTES:]
+            del self._request_body[REQUEST_SCAN_BYTES:]
         else:
             self._request_body += data
 
@@ -51,7 +55,10 @@ class Tap:
         self._request_parsed = True
         try:
             body = bytes(self._request_body)
+            if self._request_truncated:
+                body += b"\n" + self._request_tail
             self._request_body = bytearray()
+            self._request_tail = b""
             whole = self._request_complete and not self._request_truncated
             self.state = self.adapter.start(self._request, body, whole)
         except Exception as exc:  # noqa: BLE001 - the parser must never break the relay
