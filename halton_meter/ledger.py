@@ -6,6 +6,7 @@ the connection and commits up to 32 rows per transaction, so disk latency never 
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import sqlite3
@@ -24,7 +25,7 @@ _STOP = object()
 
 @dataclass(slots=True)
 class CallRow:
-    """One call through the proxy, as the relay saw it."""
+    """One call through the proxy: what the relay saw, what the adapter read, what it cost."""
 
     call_id: str
     started_at: float  # unix seconds
@@ -32,7 +33,7 @@ class CallRow:
     method: str
     path: str
     status: int | None = None
-    outcome: str = "ok"  # ok | provider_error | client_cancelled | upstream_error | unparsed | interrupted
+    outcome: str = "ok"  # ok | provider_error | client_cancelled | upstream_error | unparsed | …
     error: str | None = None
     is_stream: bool = False
     request_bytes: int = 0  # bytes relayed to the provider, head and body, as on the wire
@@ -40,9 +41,36 @@ class CallRow:
     ttfb_ms: float | None = None
     duration_ms: float | None = None
     project: str | None = None
-    model: str | None = None
+    model: str | None = None  # the model the call ran on: returned by the provider, else requested
     user_agent: str | None = None
     parse_error: str | None = None
+    # schema 2: what the adapter read
+    provider: str | None = None
+    endpoint: str | None = None
+    client: str | None = None  # client family from User-Agent (claude-code, openai-python, curl…)
+    request_id: str | None = None
+    request_model: str | None = None
+    response_model: str | None = None
+    service_tier: str | None = None
+    error_type: str | None = None
+    billing: str = "none"  # tokens | free | none (adapters/base.py)
+    usage_status: str = "none"  # exact | partial | unknown | none | duplicate
+    input_tokens: int = 0  # uncached input
+    cache_read_tokens: int = 0
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    cache_write_30m_tokens: int = 0
+    cache_write_12h_tokens: int = 0
+    output_tokens: int = 0  # billed output, reasoning included
+    reasoning_tokens: int | None = None  # subset of output_tokens
+    billed_items: str | None = None  # JSON object, e.g. {"web_search_requests": 2}
+    usage_json: str | None = None  # the provider's usage, verbatim
+    provider_cost_nanousd: int | None = None  # what the provider says it charged (OpenRouter, xAI)
+    # priced by the writer thread
+    cost_nanousd: int | None = None  # NULL: unpriced (see unpriced_reason) or nothing to price
+    price_model: str | None = None  # the rate-table key used
+    pricing_id: int | None = None  # pricing_rates row holding the exact rates applied
+    unpriced_reason: str | None = None
 
 
 _COLUMNS = tuple(f.name for f in fields(CallRow))
@@ -75,8 +103,91 @@ def _migrate_to_1(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX calls_started_at ON calls (started_at)")
 
 
+_V2_CALL_COLUMNS = (
+    "provider TEXT", "endpoint TEXT", "client TEXT", "request_id TEXT", "request_model TEXT",
+    "response_model TEXT", "service_tier TEXT", "error_type TEXT",
+    "billing TEXT NOT NULL DEFAULT 'none'", "usage_status TEXT NOT NULL DEFAULT 'none'",
+    "input_tokens INTEGER NOT NULL DEFAULT 0", "cache_read_tokens INTEGER NOT NULL DEFAULT 0",
+    "cache_write_5m_tokens INTEGER NOT NULL DEFAULT 0", "cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0",
+    "cache_write_30m_tokens INTEGER NOT NULL DEFAULT 0", "cache_write_12h_tokens INTEGER NOT NULL DEFAULT 0",
+    "output_tokens INTEGER NOT NULL DEFAULT 0", "reasoning_tokens INTEGER", "billed_items TEXT",
+    "usage_json TEXT", "provider_cost_nanousd INTEGER", "cost_nanousd INTEGER", "price_model TEXT",
+    "pricing_id INTEGER REFERENCES pricing_rates (id)", "unpriced_reason TEXT",
+)
+
+
+def _migrate_to_2(db: sqlite3.Connection) -> None:
+    """Usage, cost and attribution: the full call row, plus projects, rates used, audit events."""
+    db.execute(
+        """CREATE TABLE pricing_rates (
+            id INTEGER PRIMARY KEY,
+            model_key TEXT NOT NULL,
+            rates_json TEXT NOT NULL UNIQUE,
+            first_used_at REAL NOT NULL
+        )"""
+    )
+    for column in _V2_CALL_COLUMNS:
+        db.execute(f"ALTER TABLE calls ADD COLUMN {column}")
+    # v1 rows were written before hosts were mapped to providers.
+    db.execute("UPDATE calls SET provider = CASE host "
+               + " ".join(f"WHEN '{host}' THEN '{name}'" for host, name in _V1_PROVIDERS)
+               + " ELSE 'unknown' END")
+    db.execute(
+        """CREATE TABLE projects (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL
+        )"""
+    )
+    db.execute("INSERT OR IGNORE INTO projects (name, created_at) "
+               "SELECT COALESCE(project, 'default'), MIN(started_at) FROM calls GROUP BY 1")
+    db.execute(
+        """CREATE TABLE audit_events (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX calls_batch_id ON calls (request_id) WHERE endpoint = 'batch_results'")
+    for ddl in REPORT_INDEXES:
+        db.execute(ddl)
+    _audit(db, "schema_migrated", {"to_version": 2})
+
+
+_V1_PROVIDERS = (
+    ("api.anthropic.com", "anthropic"), ("api.openai.com", "openai"),
+    ("generativelanguage.googleapis.com", "gemini"), ("cloudcode-pa.googleapis.com", "code_assist"),
+    ("chatgpt.com", "codex"), ("api.x.ai", "xai"), ("cli-chat-proxy.grok.com", "grok_cli"),
+    ("api.groq.com", "groq"), ("api.deepseek.com", "deepseek"), ("api.mistral.ai", "mistral"),
+    ("openrouter.ai", "openrouter"),
+)
+
+
+# What `report` reads (report.py, tools/bench_ledger.py): the pair index lets it find every
+# (project, model) by skipping along the index and sum one time range per pair with no sort, so a
+# report over a million rows stays well under a second; it covers every column summed. The partial
+# ones keep each call-out to the few rows it is about (their WHERE must match report.py's exactly).
+REPORT_INDEXES = (
+    "CREATE INDEX calls_report_pairs ON calls (project, model, started_at, input_tokens, "
+    "cache_read_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_write_30m_tokens, "
+    "cache_write_12h_tokens, output_tokens, cost_nanousd, duration_ms, unpriced_reason, provider, "
+    "client, endpoint)",
+    "CREATE INDEX calls_provider_errors ON calls (started_at, error_type) WHERE outcome = 'provider_error'",
+    "CREATE INDEX calls_usage_gaps ON calls (started_at, usage_status) "
+    "WHERE usage_status IN ('unknown', 'partial', 'duplicate')",
+    "CREATE INDEX calls_provider_cost ON calls (started_at, provider_cost_nanousd, cost_nanousd) "
+    "WHERE provider_cost_nanousd IS NOT NULL",
+)
+
+
+def _audit(db: sqlite3.Connection, kind: str, detail: dict) -> None:
+    db.execute("INSERT INTO audit_events (at, kind, detail) VALUES (?, ?, ?)",
+               (time.time(), kind, json.dumps(detail, sort_keys=True)))
+
+
 # Ordered: MIGRATIONS[n] takes the schema from version n to n + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -95,6 +206,9 @@ def connect(path: Path) -> sqlite3.Connection:
         )
     for target in range(version, SCHEMA_VERSION):
         db.execute("BEGIN IMMEDIATE")
+        if db.execute("PRAGMA user_version").fetchone()[0] > target:
+            db.execute("COMMIT")  # another process migrated while we waited for the lock
+            continue
         try:
             MIGRATIONS[target](db)
             db.execute(f"PRAGMA user_version = {target + 1}")
@@ -105,11 +219,22 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-class Ledger:
-    """Owns the writer thread. `record` never blocks; `close` flushes every pending row."""
+@dataclass(slots=True)
+class AuditEvent:
+    kind: str
+    detail: dict
 
-    def __init__(self, path: Path) -> None:
+
+class Ledger:
+    """Owns the writer thread. `record` never blocks; `close` flushes every pending row.
+
+    The writer prices each row with `prices` (a pricing.PriceTable) before inserting it, so the
+    event loop never does cost arithmetic, and stores the exact rates used in `pricing_rates`.
+    """
+
+    def __init__(self, path: Path, prices: object | None = None) -> None:
         self.path = path
+        self.prices = prices
         self.rows_written = 0
         self.rows_lost = 0
         self._closed = False
@@ -117,6 +242,9 @@ class Ledger:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self._pricing_ids: dict[str, int] = {}  # rates_json -> pricing_rates.id, committed ones
+        self._projects: set[str] = set()  # project names known to be in `projects`
+        self._batch_ids: set[str] = set()  # batch result downloads already counted
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
 
     def start(self) -> None:
@@ -132,6 +260,11 @@ class Ledger:
             return
         self._queue.put(row)
 
+    def audit(self, kind: str, **detail: object) -> None:
+        """Queue an audit event (start, stop, loss…); written in order with the rows."""
+        if not self._closed:
+            self._queue.put(AuditEvent(kind, detail))
+
     def close(self, timeout: float = 30.0) -> None:
         """Flush every pending row; rows still unwritten after `timeout` are counted as lost."""
         self._closed = True
@@ -140,7 +273,15 @@ class Ledger:
             self._thread.join(timeout)
         if self._thread.is_alive():
             # Stuck (a lock held elsewhere, a hung disk): the process is about to exit with it.
-            self._lose(self._queue.qsize() + self._in_flight)
+            self._lose(sum(isinstance(item, CallRow) for item in self._pending()) + self._in_flight)
+
+    def _pending(self) -> list[object]:
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
 
     def _run(self) -> None:
         try:
@@ -161,61 +302,91 @@ class Ledger:
                         break
                 if _STOP in batch:
                     stopping = True
-                    batch = [row for row in batch if row is not _STOP]
-                    batch.extend(self._drain())
-                self._in_flight = len(batch)
+                    batch.extend(self._pending())
+                    batch = [item for item in batch if item is not _STOP]
+                self._in_flight = sum(isinstance(item, CallRow) for item in batch)
                 for start in range(0, len(batch), MAX_BATCH_ROWS):
-                    self._write(db, batch[start : start + MAX_BATCH_ROWS])
-                    self._in_flight = max(0, self._in_flight - MAX_BATCH_ROWS)
+                    part = batch[start : start + MAX_BATCH_ROWS]
+                    self._write(db, part)
+                    self._in_flight = max(0, self._in_flight - sum(isinstance(i, CallRow) for i in part))
         finally:
             db.close()
 
-    def _drain(self) -> list[CallRow]:
-        rows = []
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return rows
-            if item is not _STOP:
-                rows.append(item)
-
-    def _write(self, db: sqlite3.Connection, rows: list[CallRow]) -> None:
-        """Commit `rows` in one transaction; never raises, so the writer thread never dies.
+    def _write(self, db: sqlite3.Connection, items: list) -> None:
+        """Commit `items` in one transaction; never raises, so the writer thread never dies.
 
         A batch rejected for its content is retried row by row, so one bad row costs only itself;
         a database that is locked, full or read-only gets three tries, then the batch is lost
         (counted and logged).
         """
-        if not rows:
+        if not items:
             return
+        rows = [item for item in items if isinstance(item, CallRow)]
+        rates = {id(row): self._price(row) for row in rows}
         for attempt in range(3):
             try:
-                self._insert(db, rows)
+                self._insert(db, items, rates)
                 self.rows_written += len(rows)
                 return
             except sqlite3.OperationalError as exc:
                 log.error("ledger_write_failed rows=%d attempt=%d error=%r", len(rows), attempt + 1, exc)
                 time.sleep(RETRY_PAUSE_S * (attempt + 1))
             except Exception:  # noqa: BLE001 - a row sqlite rejects (constraint, unbindable value)
-                self._write_one_by_one(db, rows)
+                self._write_one_by_one(db, items, rates)
                 return
         self._lose(len(rows))
 
-    def _write_one_by_one(self, db: sqlite3.Connection, rows: list[CallRow]) -> None:
-        for row in rows:
+    def _write_one_by_one(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None]) -> None:
+        for item in items:
             try:
-                self._insert(db, [row])
-                self.rows_written += 1
+                self._insert(db, [item], rates)
+                if isinstance(item, CallRow):
+                    self.rows_written += 1
             except Exception as exc:  # noqa: BLE001
-                log.error("ledger_row_rejected call_id=%s error=%r", row.call_id, exc)
-                self._lose(1)
+                if isinstance(item, CallRow):
+                    log.error("ledger_row_rejected call_id=%s error=%r", item.call_id, exc)
+                    self._lose(1)
+                else:
+                    log.error("ledger_audit_rejected kind=%s error=%r", item.kind, exc)
 
-    @staticmethod
-    def _insert(db: sqlite3.Connection, rows: list[CallRow]) -> None:
+    def _price(self, row: CallRow) -> str | None:
+        """Fill the cost columns; returns the exact rates applied, as JSON (None: none applied)."""
+        if self.prices is None:
+            return None
+        try:
+            quote = price_row(self.prices, row)
+        except Exception as exc:  # noqa: BLE001 - a pricing bug must not cost the row
+            log.exception("pricing_failed call_id=%s", row.call_id)
+            row.cost_nanousd, row.unpriced_reason = None, f"pricing failed: {type(exc).__name__}"
+            return None
+        row.cost_nanousd, row.price_model = quote.cost_nanousd, quote.model_key
+        row.unpriced_reason = quote.unpriced_reason
+        return quote.rates_json
+
+    def _insert(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None]) -> None:
+        new_ids: dict[str, int] = {}
+        new_projects: set[str] = set()
+        new_batches: set[str] = set()
         db.execute("BEGIN")
         try:
-            db.executemany(_INSERT, [astuple(row) for row in rows])
+            for item in items:
+                if isinstance(item, AuditEvent):
+                    _audit(db, item.kind, item.detail)
+                    continue
+                rates_json = rates.get(id(item))
+                if self._is_duplicate_batch(db, item, new_batches):
+                    rates_json = None
+                if rates_json is not None:
+                    item.pricing_id = self._pricing_ids.get(rates_json) or new_ids.get(rates_json)
+                    if item.pricing_id is None:
+                        item.pricing_id = _pricing_id(db, item.price_model, rates_json, item.started_at)
+                        new_ids[rates_json] = item.pricing_id
+                project = item.project or "default"
+                if project not in self._projects and project not in new_projects:
+                    db.execute("INSERT OR IGNORE INTO projects (name, created_at) VALUES (?, ?)",
+                               (project, item.started_at))
+                    new_projects.add(project)
+                db.execute(_INSERT, row_values(item))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -224,7 +395,66 @@ class Ledger:
                 except sqlite3.Error:
                     pass  # the original error is the one worth reporting
             raise
+        self._pricing_ids.update(new_ids)
+        self._projects |= new_projects
+        self._batch_ids |= new_batches
+
+    def _is_duplicate_batch(self, db: sqlite3.Connection, row: CallRow, seen: set[str]) -> bool:
+        """A second download of a batch's results is not new spend: kept for audit, counted 0."""
+        if row.endpoint != "batch_results" or not row.request_id or row.usage_status != "exact":
+            return False
+        key = f"{row.provider}:{row.request_id}"
+        if key in self._batch_ids or key in seen or db.execute(
+            "SELECT 1 FROM calls WHERE endpoint = 'batch_results' AND request_id = ? AND provider IS ? "
+            "AND usage_status = 'exact' LIMIT 1", (row.request_id, row.provider)
+        ).fetchone():
+            row.usage_status = "duplicate"
+            row.cost_nanousd, row.unpriced_reason, row.price_model, row.pricing_id = 0, None, None, None
+            for name in _TOKEN_COLUMNS:
+                setattr(row, name, 0)
+            row.reasoning_tokens = None
+            return True
+        seen.add(key)
+        return False
 
     def _lose(self, count: int) -> None:
         self.rows_lost += count
         log.error("ledger_rows_lost rows=%d total_lost=%d path=%s", count, self.rows_lost, self.path)
+
+
+_TOKEN_COLUMNS = ("input_tokens", "cache_read_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
+                  "cache_write_30m_tokens", "cache_write_12h_tokens", "output_tokens")
+
+
+def row_values(row: CallRow) -> tuple:
+    return astuple(row)
+
+
+def _pricing_id(db: sqlite3.Connection, model_key: str | None, rates_json: str, at: float) -> int:
+    db.execute("INSERT OR IGNORE INTO pricing_rates (model_key, rates_json, first_used_at) VALUES (?, ?, ?)",
+               (model_key or "", rates_json, at))
+    return db.execute("SELECT id FROM pricing_rates WHERE rates_json = ?", (rates_json,)).fetchone()[0]
+
+
+def row_usage(row: CallRow):
+    """The row's counters as an adapters.base.Usage, for pricing and repricing."""
+    from halton_meter.adapters.base import Usage
+
+    items = json.loads(row.billed_items) if row.billed_items else {}
+    return Usage(
+        input_tokens=row.input_tokens, cache_read_tokens=row.cache_read_tokens,
+        cache_write_5m_tokens=row.cache_write_5m_tokens, cache_write_1h_tokens=row.cache_write_1h_tokens,
+        cache_write_30m_tokens=row.cache_write_30m_tokens,
+        cache_write_12h_tokens=row.cache_write_12h_tokens, output_tokens=row.output_tokens,
+        reasoning_tokens=row.reasoning_tokens, billed_items=items,
+    )
+
+
+def price_row(prices, row: CallRow):
+    """Quote a row's cost with a pricing.PriceTable (rows with nothing to price get a None cost)."""
+    has_usage = row.usage_status in ("exact", "partial")
+    return prices.price(
+        provider=row.provider, models=(row.response_model, row.request_model),
+        usage=row_usage(row) if has_usage else None, billing=row.billing,
+        service_tier=row.service_tier, at=row.started_at,
+    )

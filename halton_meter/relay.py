@@ -9,6 +9,7 @@ provider's side (`upstream_error`), and our own bugs (`proxy_error`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import ssl
@@ -16,7 +17,8 @@ import time
 from http import HTTPStatus
 
 from halton_meter.adapters import adapter_for
-from halton_meter.adapters.base import Adapter
+from halton_meter.adapters.base import Adapter, CallState
+from halton_meter.clients import client_family
 from halton_meter.http1 import (
     MAX_HEAD_BYTES,
     BodyKind,
@@ -213,7 +215,7 @@ class Relay:
         call = CallRow(
             call_id=new_call_id(), started_at=time.time(), host=self.host, method=head.method,
             path=redact_target(head.target), project=project[-1].strip() if project else self.project,
-            user_agent=head.headers.get("user-agent"),
+            user_agent=head.headers.get("user-agent"), client=client_family(head.headers),
         )
         tap = Tap(self._adapter(head), call.call_id, head)
         self.in_call, self.response_started = True, False
@@ -259,13 +261,15 @@ class Relay:
     def _finish_row(self, call: CallRow, tap: Tap, complete: bool, t0: float) -> None:
         call.duration_ms = (time.perf_counter() - t0) * 1000.0
         state = tap.finish(complete)
+        call.provider = tap.adapter.provider
         if state is not None:
-            call.model = state.response_model or state.model
-            call.is_stream = state.is_stream
+            copy_state(call, state)
         call.parse_error = tap.parse_error
         if call.outcome == "ok":
             if call.status is not None and call.status >= 400:
                 call.outcome = "provider_error"
+            elif call.error_type is not None:
+                call.outcome = "provider_error"  # an error event inside a 200 stream
             elif tap.parse_error is not None:
                 call.outcome = "unparsed"
         if call.outcome == "client_cancelled" and call.error is None:
@@ -522,3 +526,30 @@ class Relay:
                 remaining -= len(data)
                 await self._to_client(data, call)
                 tap_chunk(data)
+
+
+def copy_state(call: CallRow, state: CallState) -> None:
+    """Move what the adapter read onto the row (JSON encoding here: the raw usage is small)."""
+    call.provider = state.provider
+    call.endpoint = state.endpoint
+    call.billing = state.billing
+    call.request_model, call.response_model = state.request_model, state.response_model
+    call.model = state.response_model or state.request_model
+    call.is_stream = state.is_stream
+    call.request_id = state.request_id
+    call.service_tier = state.service_tier
+    call.error_type = state.error_type
+    call.usage_status = state.usage_status
+    call.provider_cost_nanousd = state.provider_cost_nanousd
+    usage = state.usage
+    if usage is not None:
+        call.input_tokens = usage.input_tokens
+        call.cache_read_tokens = usage.cache_read_tokens
+        call.cache_write_5m_tokens = usage.cache_write_5m_tokens
+        call.cache_write_1h_tokens = usage.cache_write_1h_tokens
+        call.cache_write_30m_tokens = usage.cache_write_30m_tokens
+        call.cache_write_12h_tokens = usage.cache_write_12h_tokens
+        call.output_tokens = usage.output_tokens
+        call.reasoning_tokens = usage.reasoning_tokens
+        call.billed_items = json.dumps(usage.billed_items, sort_keys=True) if usage.billed_items else None
+        call.usage_json = json.dumps(usage.raw, separators=(",", ":")) if usage.raw is not None else None

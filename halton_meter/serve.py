@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import sqlite3
 import ssl
 import sys
 from typing import TextIO
 
-from halton_meter.adapters import PROVIDER_HOSTS
+from halton_meter import __version__
+from halton_meter.adapters import PRIMARY_HOSTS, PROVIDER_HOSTS
 from halton_meter.config import Settings
 from halton_meter.edge import ProxyServer
 from halton_meter.intercept import Interceptor, shrink_tls_read_buffers
 from halton_meter.ledger import Ledger
+from halton_meter.pricing import PriceTable, PricingError
 from halton_meter.tls.bundle import write_client_bundle
 from halton_meter.tls.ca import CertificateAuthority
 
@@ -31,7 +34,7 @@ def prepare_ca(settings: Settings) -> CertificateAuthority:
     ca = CertificateAuthority(settings.ca_dir, PROVIDER_HOSTS)
     if ca.ensure():
         log.info("ca_created path=%s", ca.ca_cert_path)
-    ca.premint()
+    ca.premint(PRIMARY_HOSTS)  # regional Vertex/Bedrock hosts are minted on first use
     write_client_bundle(ca.ca_cert_path, settings.bundle_path)
     return ca
 
@@ -44,7 +47,11 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     except OSError as exc:
         raise ServeError(f"Cannot write the CA files under {settings.home} ({exc.strerror or exc}). "
                          "Check that the directory is writable and the disk is not full.") from exc
-    ledger = Ledger(settings.db_path)
+    try:
+        prices = PriceTable.load(settings.home)
+    except PricingError as exc:
+        raise ServeError(str(exc)) from exc
+    ledger = Ledger(settings.db_path, prices=prices)
     try:
         ledger.start()
     except sqlite3.Error as exc:
@@ -58,7 +65,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
         ledger.close()
         raise ServeError(f"An --upstream-ca file is not a valid PEM certificate ({exc.reason}). "
                          "Pass the gateway's CA certificate in PEM form.") from exc
-    interceptor.preload(PROVIDER_HOSTS)
+    interceptor.preload(PRIMARY_HOSTS)
     server = ProxyServer(interceptor, listen=settings.listen, port=settings.port)
     try:
         port = await server.start()
@@ -89,6 +96,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     print(f"  CA SHA-256      {ca.fingerprint_sha256}", file=out)
     print(f"  client bundle   {settings.bundle_path}", file=out)
     print(f"  ledger          {settings.db_path}", file=out)
+    print(f"  prices          {prices.describe_source()}", file=out)
     for host, (address, upstream_port) in sorted(settings.upstreams.items()):
         print(f"  upstream        {host} -> {address}:{upstream_port}", file=out)
     print("  use it:", file=out)
@@ -96,11 +104,13 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
         print(f"    export {name}={settings.bundle_path}", file=out)
     out.flush()
+    ledger.audit("proxy_started", version=__version__, port=port, pid=os.getpid())
     try:
         await stop.wait()
     finally:
         try:
             await server.close(settings.shutdown_grace_s)
+            ledger.audit("proxy_stopped", rows_written=ledger.rows_written, rows_lost=ledger.rows_lost)
             await asyncio.to_thread(ledger.close)
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):

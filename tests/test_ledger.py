@@ -145,3 +145,69 @@ def test_rows_stuck_behind_a_lock_at_close_are_counted_lost(tmp_path, monkeypatc
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+
+
+def test_v1_ledger_migrates_to_the_full_schema_keeping_rows(tmp_path):
+    path = tmp_path / "db.sqlite"
+    db = sqlite3.connect(path)
+    ledger_module.MIGRATIONS[0](db)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO calls (call_id, started_at, host, method, path, outcome, is_stream, request_bytes, "
+               "response_bytes, project) VALUES ('old', 1.0, 'api.openai.com', 'POST', '/v1/x', 'ok', 0, 1, 2, 'alpha')")
+    db.commit()
+    db.close()
+    db = connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("SELECT provider, usage_status, billing, input_tokens FROM calls").fetchone() == (
+        "openai", "none", "none", 0)
+    assert db.execute("SELECT name FROM projects").fetchall() == [("alpha",)]
+    assert db.execute("SELECT kind FROM audit_events").fetchall() == [("schema_migrated",)]
+    indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"calls_report_pairs", "calls_usage_gaps", "calls_batch_id"} <= indexes
+
+
+def test_second_download_of_batch_results_is_not_new_spend(tmp_path):
+    def results(n: int) -> CallRow:
+        return CallRow(call_id=f"b{n}", started_at=time.time(), host="api.anthropic.com", method="GET",
+                       path="/v1/messages/batches/msgbatch_1/results", status=200, provider="anthropic",
+                       endpoint="batch_results", request_id="msgbatch_1", usage_status="exact", billing="tokens",
+                       input_tokens=100, output_tokens=10, cost_nanousd=5)
+    write_rows(tmp_path, [results(1)])
+    write_rows(tmp_path, [results(2), results(3)])  # a later download: across restarts and in one batch
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    rows = db.execute("SELECT usage_status, input_tokens, output_tokens, cost_nanousd FROM calls ORDER BY id").fetchall()
+    assert rows == [("exact", 100, 10, 5), ("duplicate", 0, 0, 0), ("duplicate", 0, 0, 0)]
+
+
+def test_projects_and_audit_events_are_written_with_rows(tmp_path):
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.start()
+    ledger.audit("proxy_started", port=1234)
+    ledger.record(row(1))
+    named = row(2)
+    named.project = "acme"
+    ledger.record(named)
+    ledger.close()
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    assert {r[0] for r in db.execute("SELECT name FROM projects")} == {"default", "acme"}
+    assert db.execute("SELECT kind, detail FROM audit_events WHERE kind = 'proxy_started'").fetchone() == (
+        "proxy_started", '{"port": 1234}')
+
+
+def test_concurrent_first_opens_migrate_once(tmp_path):
+    import threading
+
+    errors = []
+
+    def open_it():
+        try:
+            connect(tmp_path / "db.sqlite").close()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
