@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from halton_meter import __version__
 from halton_meter.config import DEFAULT_PORT, ConfigError, load_settings, parse_upstream, resolve_home
@@ -15,6 +16,12 @@ def _upstream_arg(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _count_arg(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count. Use a whole number like 20.")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +47,68 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra trust anchors (PEM) for verifying upstream certificates (repeatable)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=cmd_serve)
+
+    report = commands.add_parser(
+        "report", help="spend by project and model over a time window",
+        description="Calls, tokens and cost over a time window, grouped into tables "
+                    "(JSON and CSV formats: halton_meter/report.py).",
+    )
+    report.add_argument("--home", dest="report_home", help=argparse.SUPPRESS)
+    report.add_argument("--since", metavar="WHEN", help="start: 30m, 24h, 7d, 2w back from now, "
+                                                        "or a local 2026-11-01[T12:00] (default 30d)")
+    report.add_argument("--until", metavar="WHEN",
+                        help="end, same forms (default now; a date alone includes that day)")
+    report.add_argument("--by", action="append", metavar="GROUPING",
+                        choices=["project", "model", "provider", "client", "endpoint", "day", "week", "month"],
+                        help="one table per grouping: project, model, provider, client, endpoint, day, week, "
+                             "month (repeatable; default project and model)")
+    report.add_argument("--project", action="append", default=[], help="only this project (repeatable)")
+    report.add_argument("--provider", action="append", default=[], help="only this provider (repeatable)")
+    report.add_argument("--model", action="append", default=[], help="only this model (repeatable)")
+    output = report.add_mutually_exclusive_group()
+    output.add_argument("--json", dest="format", action="store_const", const="json", help="print JSON")
+    output.add_argument("--csv", dest="format", action="store_const", const="csv", help="print CSV")
+    report.set_defaults(func=cmd_report, format="text")
+
+    tail = commands.add_parser(
+        "tail", help="the latest calls, one line each; -f follows new ones",
+        description="The latest calls, oldest first, one line each; -f follows new calls until Ctrl-C.",
+    )
+    tail.add_argument("--home", dest="tail_home", help=argparse.SUPPRESS)
+    tail.add_argument("-n", "--lines", type=_count_arg, default=20, metavar="N", help="how many calls (default 20)")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new calls until Ctrl-C")
+    tail.add_argument("--project", action="append", default=[], help="only this project (repeatable)")
+    tail.add_argument("--json", action="store_true", help="print one JSON object per line")
+    tail.set_defaults(func=cmd_tail)
+
+    pricing = commands.add_parser(
+        "pricing", help="show the rate table or import LiteLLM's price file",
+        description="The rates calls are priced with: bundled, imported (`pricing import`) and "
+                    "[pricing.models] in config.toml, later layers winning.",
+    )
+    pricing.add_argument("--home", dest="pricing_home", help=argparse.SUPPRESS)
+    pricing_commands = pricing.add_subparsers(dest="pricing_command", metavar="ACTION", required=True)
+    show = pricing_commands.add_parser("show", help="every model's rates, or one model's and how its name resolves")
+    show.add_argument("model", nargs="?", help="a model id as clients send it (dated ids and aliases work)")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=cmd_pricing_show)
+    load = pricing_commands.add_parser(
+        "import", help="import LiteLLM's model_prices_and_context_window.json",
+        description="Convert LiteLLM's model_prices_and_context_window.json into <home>/pricing-imported.json, "
+                    "which overrides the bundled rates. Run `halton-meter reprice` to apply it to past calls.")
+    load.add_argument("file", help="path to model_prices_and_context_window.json")
+    load.set_defaults(func=cmd_pricing_import)
+
+    reprice = commands.add_parser(
+        "reprice", help="recompute stored costs with the current rates",
+        description="Recompute the cost of recorded calls with the current rate table. Costs never "
+                    "change otherwise: each row keeps the rates it was priced with.",
+    )
+    reprice.add_argument("--home", dest="reprice_home", help=argparse.SUPPRESS)
+    reprice.add_argument("--since", metavar="WHEN", help="only calls from then on (same forms as report; default all)")
+    reprice.add_argument("--until", metavar="WHEN", help="only calls before then")
+    reprice.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    reprice.set_defaults(func=cmd_reprice)
     return parser
 
 
@@ -76,3 +145,96 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from halton_meter.report import run_report
+
+    settings = load_settings(resolve_home(args.report_home or args.home))
+    return run_report(settings.db_path, since=args.since, until=args.until, by=args.by,
+                      projects=args.project, providers=args.provider, models=args.model, fmt=args.format)
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from halton_meter.report import run_tail
+
+    settings = load_settings(resolve_home(args.tail_home or args.home))
+    return run_tail(settings.db_path, lines=args.lines, follow=args.follow, projects=args.project,
+                    as_json=args.json)
+
+
+def _load_prices(home):
+    from halton_meter.pricing import PriceTable, PricingError
+
+    try:
+        return PriceTable.load(home)
+    except PricingError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def cmd_pricing_show(args: argparse.Namespace) -> int:
+    import json
+
+    from halton_meter.pricing_show import describe, describe_json
+
+    table = _load_prices(resolve_home(args.pricing_home or args.home))
+    if args.json:
+        print(json.dumps(describe_json(table, args.model), indent=2))
+    else:
+        print(describe(table, args.model))
+    return 0 if args.model is None or table.resolve(args.model) is not None else 1
+
+
+def cmd_pricing_import(args: argparse.Namespace) -> int:
+    from halton_meter.pricing import PricingError
+    from halton_meter.pricing_import import import_litellm
+
+    home = resolve_home(args.pricing_home or args.home)
+    try:
+        summary = import_litellm(Path(args.file), home)
+    except PricingError as exc:
+        print(f"halton-meter: {exc}", file=sys.stderr)
+        return 1
+    print(f"Imported {summary.imported:,} model prices into {summary.path}")
+    print(f"  new models: {len(summary.added):,}, changed rates: {len(summary.changed):,}, "
+          f"unchanged: {summary.unchanged:,}")
+    for reason, count in sorted(summary.skipped.items()):
+        print(f"  skipped {count:,}: {reason}")
+    for warning in summary.warnings[:10]:
+        print(f"  warning: {warning}")
+    if summary.changed:
+        print("  changed: " + ", ".join(summary.changed[:12]) + (" …" if len(summary.changed) > 12 else ""))
+    print("New calls use these rates once the proxy restarts; `halton-meter reprice` applies them to past calls.")
+    return 0
+
+
+def cmd_reprice(args: argparse.Namespace) -> int:
+    import time
+
+    from halton_meter.report import TimeError, parse_time
+    from halton_meter.reprice import reprice
+
+    settings = load_settings(resolve_home(args.reprice_home or args.home))
+    now = time.time()
+    try:
+        since = parse_time(args.since, now) if args.since else None
+        until = parse_time(args.until, now, flag="--until", end=True) if args.until else None
+    except TimeError as exc:
+        print(f"halton-meter: {exc}", file=sys.stderr)
+        return 2
+    if not settings.db_path.exists():
+        print("No captures yet: there is nothing to reprice.")
+        return 0
+    prices = _load_prices(settings.home)
+    summary = reprice(settings.db_path, prices, since=since, until=until, dry_run=args.dry_run)
+    verb = "would change" if args.dry_run else "changed"
+    print(f"Repriced {summary.examined:,} calls: {summary.changed:,} {verb}.")
+    print(f"  total cost {_usd(summary.before_nanousd)} -> {_usd(summary.after_nanousd)}; "
+          f"unpriced calls {summary.unpriced_before:,} -> {summary.unpriced_after:,}")
+    return 0
+
+
+def _usd(nanousd: int) -> str:
+    from halton_meter.report import format_usd
+
+    return format_usd(nanousd)
