@@ -4,6 +4,10 @@ Used by the tests, `tools/` benchmarks and the demo; never by the proxy itself. 
 certificates from its own throwaway CA (made by halton-meter's CA code), so the proxy reaches it
 with `--upstream api.anthropic.com=127.0.0.1:PORT --upstream-ca <its ca.pem>`.
 
+It answers in the dialect the path names: Anthropic Messages (default), OpenAI Chat Completions
+(`.../chat/completions`), Responses (`.../responses`), Gemini (`:generateContent`,
+`:streamGenerateContent` as SSE with `alt=sse` or as a JSON array) and Code Assist (`/v1internal:`).
+
 Request headers steer it (all optional):
   x-fake-delay-ms: N     pause between streamed events (default 10)
   x-fake-events: N       text deltas in a stream (default 5)
@@ -35,7 +39,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from halton_meter.adapters import PROVIDER_HOSTS
+from halton_meter.adapters import PRIMARY_HOSTS
 from halton_meter.http1 import (
     BodyKind,
     ChunkedDecoder,
@@ -48,11 +52,12 @@ from halton_meter.tls.ca import CertificateAuthority
 
 DEFAULT_MODEL = "claude-sonnet-4-5-20250929"
 # Like the real API, an alias request is answered with the dated model id.
-_RESOLVED_MODELS = {"claude-sonnet-4-5": "claude-sonnet-4-5-20250929", "claude-haiku-4-5": "claude-haiku-4-5-20251001"}
+_RESOLVED_MODELS = {"claude-sonnet-4-5": "claude-sonnet-4-5-20250929", "claude-haiku-4-5": "claude-haiku-4-5-20251001",
+                    "gpt-4.1": "gpt-4.1-2025-04-14", "gpt-5.5": "gpt-5.5-2026-04-23"}
 
 
 class FakeProvider:
-    def __init__(self, ca_dir: Path, *, hosts: tuple[str, ...] = PROVIDER_HOSTS) -> None:
+    def __init__(self, ca_dir: Path, *, hosts: tuple[str, ...] = PRIMARY_HOSTS + ("us-east5-aiplatform.googleapis.com",)) -> None:
         self.ca = CertificateAuthority(ca_dir, hosts)
         self.ca.ensure()
         self.hosts = hosts
@@ -147,13 +152,20 @@ class FakeProvider:
             writer.write(_head(status, base))
             await writer.drain()
             return True
+        dialect = _dialect(head.target)
         if status >= 400:
-            return await _send(writer, head, status, _error_body(status), "application/json", base, options)
-        if isinstance(request, dict) and request.get("stream") is True:
-            return await _stream(writer, request, options, base)
+            return await _send(writer, head, status, _error_body(status, dialect), "application/json", base, options)
+        if not isinstance(request, dict):
+            request = {}
+        if dialect.startswith("gemini"):
+            request.setdefault("model", _gemini_model(head.target) or request.get("model"))
+            request["stream"] = ":streamGenerateContent" in head.target
+        if request.get("stream") is True:
+            frames, content_type = _STREAMS[dialect](request, head.target, int(options.get("x-fake-events", "5")))
+            return await _stream(writer, frames, content_type, options, base)
         if options.get("x-fake-invalid-json"):
             return await _send(writer, head, 200, b'{"id": "msg_broken", "usage": ', "application/json", base, options)
-        payload = _message(request, int(options.get("x-fake-body-bytes", "0")))
+        payload = _BODIES[dialect](request, int(options.get("x-fake-body-bytes", "0")))
         encoded = json.dumps(payload).encode()
         if "gzip" in (head.headers.get("accept-encoding") or ""):
             base.append(("Content-Encoding", "gzip"))
@@ -194,9 +206,7 @@ async def _read_body(head: RequestHead, reader) -> tuple[int, str, bytes]:
 
 
 def _message(request: dict, pad_bytes: int) -> dict:
-    text = "Hello from the fake provider."
-    if pad_bytes > len(text):
-        text = text + " " + "x" * (pad_bytes - len(text))
+    text = _text(pad_bytes)
     return {
         "id": "msg_fake", "type": "message", "role": "assistant",
         "model": _model(request), "content": [{"type": "text", "text": text}],
@@ -213,7 +223,15 @@ def _model(request: dict) -> str:
     return _RESOLVED_MODELS.get(model, model)
 
 
-def _error_body(status: int) -> bytes:
+def _error_body(status: int, dialect: str = "anthropic") -> bytes:
+    """The provider's own error shape: Google RPC status, OpenAI's error object, or Anthropic's."""
+    if dialect.startswith("gemini") or dialect == "code_assist":
+        rpc = {429: "RESOURCE_EXHAUSTED", 400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED",
+               503: "UNAVAILABLE"}.get(status, "INTERNAL")
+        return json.dumps({"error": {"code": status, "message": f"fake {rpc}", "status": rpc}}).encode()
+    if dialect in ("chat", "responses"):
+        kind = {429: "rate_limit_exceeded", 400: "invalid_request_error", 401: "invalid_api_key"}.get(status, "server_error")
+        return json.dumps({"error": {"message": f"fake {kind}", "type": kind, "param": None, "code": kind}}).encode()
     kind = {429: "rate_limit_error", 529: "overloaded_error", 400: "invalid_request_error",
             401: "authentication_error"}.get(status, "api_error")
     return json.dumps({"type": "error", "error": {"type": kind, "message": f"fake {kind}"},
@@ -252,33 +270,16 @@ async def _send(writer, head: RequestHead, status: int, body: bytes, content_typ
     return keep_alive
 
 
-async def _stream(writer, request: dict, options: dict, headers: list[tuple[str, str]]) -> bool:
-    """Anthropic Messages streaming: SSE events, one HTTP chunk each, paced like a real model."""
+async def _stream(writer, frames: list[bytes], content_type: str, options: dict,
+                  headers: list[tuple[str, str]]) -> bool:
+    """Send pre-built stream frames, one HTTP chunk each, paced like a real model."""
     delay = int(options.get("x-fake-delay-ms", "10")) / 1000
     hold = float(options.get("x-fake-hold-s", "0"))
-    count = int(options.get("x-fake-events", "5"))
-    model = _model(request)
-    events = [("message_start", {"type": "message_start", "message": {
-        "id": "msg_fake_stream", "type": "message", "role": "assistant", "model": model, "content": [],
-        "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                  "output_tokens": 1}}}),
-        ("content_block_start", {"type": "content_block_start", "index": 0,
-                                 "content_block": {"type": "text", "text": ""}}),
-        ("ping", {"type": "ping"})]
-    events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                        "delta": {"type": "text_delta", "text": f"word{i} "}})
-               for i in range(count)]
-    events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
-               ("message_delta", {"type": "message_delta",
-                                  "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                  "usage": {"output_tokens": count + 1}}),
-               ("message_stop", {"type": "message_stop"})]
-    writer.write(_head(200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"),
+    writer.write(_head(200, [("Content-Type", content_type), ("Cache-Control", "no-cache"),
                              ("Transfer-Encoding", "chunked"), *headers]))
     reset_after = options.get("x-fake-reset-after")
-    for index, (name, data) in enumerate(events):
-        writer.write(_chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()))
+    for index, frame in enumerate(frames):
+        writer.write(_chunk(frame))
         await writer.drain()
         if reset_after is not None and index + 1 >= int(reset_after):
             _reset(writer)
@@ -290,6 +291,148 @@ async def _stream(writer, request: dict, options: dict, headers: list[tuple[str,
     writer.write(b"0\r\n\r\n")
     await writer.drain()
     return True
+
+
+# ---- wire formats (reference/providers.md §1-4); usage figures are fixed so tests can expect them
+
+def _dialect(target: str) -> str:
+    path = target.split("?", 1)[0]
+    if path.startswith("/v1internal:"):
+        return "code_assist"
+    if ":generateContent" in path or ":streamGenerateContent" in path:
+        return "gemini_sse" if "alt=sse" in target or ":generateContent" in path else "gemini_array"
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/responses"):
+        return "responses"
+    return "anthropic"
+
+
+def _gemini_model(target: str) -> str | None:
+    path = target.split("?", 1)[0]
+    if "/models/" not in path:
+        return None
+    return path.rsplit("/models/", 1)[1].split(":", 1)[0]
+
+
+def _sse(name: str | None, data: dict | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {name}\n" if name else "").encode() + f"data: {text}\n\n".encode()
+
+
+def _anthropic_stream(request: dict, target: str, count: int) -> tuple[list[bytes], str]:
+    model = _model(request)
+    frames = [_sse("message_start", {"type": "message_start", "message": {
+        "id": "msg_fake_stream", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                  "output_tokens": 1}}}),
+        _sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+        _sse("ping", {"type": "ping"})]
+    frames += [_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": f"word{i} "}})
+               for i in range(count)]
+    frames += [_sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               _sse("message_delta", {"type": "message_delta",
+                                      "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                      "usage": {"output_tokens": count + 1}}),
+               _sse("message_stop", {"type": "message_stop"})]
+    return frames, "text/event-stream"
+
+
+def _chat_usage(count: int) -> dict:
+    return {"prompt_tokens": 50, "completion_tokens": count + 1, "total_tokens": 51 + count,
+            "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+def _chat_stream(request: dict, target: str, count: int) -> tuple[list[bytes], str]:
+    model = _model(request)
+    base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1795420800, "model": model}
+    frames = [_sse(None, {**base, "choices": [{"index": 0, "delta": {"content": f"word{i} "},
+                                              "finish_reason": None}], "usage": None})
+              for i in range(count)]
+    frames.append(_sse(None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                              "usage": None}))
+    if (request.get("stream_options") or {}).get("include_usage"):
+        frames.append(_sse(None, {**base, "choices": [], "usage": _chat_usage(count)}))
+    frames.append(_sse(None, "[DONE]"))
+    return frames, "text/event-stream"
+
+
+def _chat_body(request: dict, pad_bytes: int) -> dict:
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1795420800, "model": _model(request),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": _text(pad_bytes)},
+                         "finish_reason": "stop"}], "usage": _chat_usage(5), "service_tier": "default"}
+
+
+_RESPONSE_USAGE = {"input_tokens": 900, "input_tokens_details": {"cached_tokens": 512, "cache_write_tokens": 0},
+                   "output_tokens": 40, "output_tokens_details": {"reasoning_tokens": 16}, "total_tokens": 940}
+
+
+def _responses_stream(request: dict, target: str, count: int) -> tuple[list[bytes], str]:
+    model = _model(request)
+    response = {"id": "resp_fake", "object": "response", "model": model, "status": "in_progress",
+                "output": [], "usage": None}
+    frames = [_sse("response.created", {"type": "response.created", "sequence_number": 0, "response": response})]
+    frames += [_sse("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": i + 1,
+                                                   "item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                                   "delta": f"word{i} "}) for i in range(count)]
+    done = {**response, "status": "completed", "usage": _RESPONSE_USAGE}
+    frames.append(_sse("response.completed", {"type": "response.completed", "sequence_number": count + 1,
+                                              "response": done}))
+    return frames, "text/event-stream"
+
+
+def _responses_body(request: dict, pad_bytes: int) -> dict:
+    return {"id": "resp_fake", "object": "response", "model": _model(request), "status": "completed",
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": _text(pad_bytes)}]}],
+            "usage": _RESPONSE_USAGE}
+
+
+def _gemini_chunk(model: str, text: str, candidates: int, last: bool) -> dict:
+    chunk = {"candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}],
+             "usageMetadata": {"promptTokenCount": 900, "cachedContentTokenCount": 512,
+                               "candidatesTokenCount": candidates, "thoughtsTokenCount": 200,
+                               "totalTokenCount": 1100 + candidates},
+             "modelVersion": model, "responseId": "gem_fake"}
+    if last:
+        chunk["candidates"][0]["finishReason"] = "STOP"
+    return chunk
+
+
+def _gemini_chunks(request: dict, count: int) -> list[dict]:
+    model = request.get("model") or "gemini-2.5-flash"
+    return [_gemini_chunk(model, f"word{i} ", (i + 1) * 8, i == count - 1) for i in range(count)]
+
+
+def _gemini_sse(request: dict, target: str, count: int) -> tuple[list[bytes], str]:
+    return [_sse(None, chunk).replace(b"\n", b"\r\n") for chunk in _gemini_chunks(request, count)], "text/event-stream"
+
+
+def _gemini_array(request: dict, target: str, count: int) -> tuple[list[bytes], str]:
+    chunks = _gemini_chunks(request, count)
+    frames = [(b"[" if i == 0 else b",\r\n") + json.dumps(chunk, indent=2).encode() for i, chunk in enumerate(chunks)]
+    frames.append(b"]")
+    return frames, "application/json"
+
+
+def _gemini_body(request: dict, pad_bytes: int) -> dict:
+    return _gemini_chunk(request.get("model") or "gemini-2.5-flash", _text(pad_bytes), 40, True)
+
+
+def _code_assist_stream(request: dict, target: str, count: int) -> tuple[list[bytes], str]:
+    return [_sse(None, {"response": chunk, "traceId": "trace_fake"}).replace(b"\n", b"\r\n")
+            for chunk in _gemini_chunks(request, count)], "text/event-stream"
+
+
+def _code_assist_body(request: dict, pad_bytes: int) -> dict:
+    return {"response": _gemini_body(request, pad_bytes), "traceId": "trace_fake"}
+
+
+def _text(pad_bytes: int) -> str:
+    text = "Hello from the fake provider."
+    return text + " " + "x" * (pad_bytes - len(text)) if pad_bytes > len(text) else text
 
 
 async def _websocket_echo(reader, writer, headers) -> bool:
@@ -328,6 +471,12 @@ def _reset(writer) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+_STREAMS = {"anthropic": _anthropic_stream, "chat": _chat_stream, "responses": _responses_stream,
+            "gemini_sse": _gemini_sse, "gemini_array": _gemini_array, "code_assist": _code_assist_stream}
+_BODIES = {"anthropic": _message, "chat": _chat_body, "responses": _responses_body,
+           "gemini_sse": _gemini_body, "gemini_array": _gemini_body, "code_assist": _code_assist_body}
 
 
 def main(argv: list[str] | None = None) -> int:
