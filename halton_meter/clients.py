@@ -42,16 +42,29 @@ _FAMILIES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 _FIRST_TOKEN = re.compile(r"^([A-Za-z][A-Za-z0-9._-]{0,39})")
 
 
+_CACHE_MAX = 1024
+_cache: dict[tuple[str, str, str], str] = {}
+
+
 def client_family(headers: Headers) -> str:
-    """The family of the client that sent a request with these headers."""
-    user_agent = headers.get("user-agent") or ""
+    """The family of the client that sent a request with these headers (cached: UAs repeat)."""
+    key = (headers.get("user-agent") or "", headers.get("originator") or "",
+           headers.get("x-goog-api-client") or "")
+    family = _cache.get(key)
+    if family is None:
+        family = _family(*key)
+        if len(_cache) >= _CACHE_MAX:
+            _cache.clear()
+        _cache[key] = family
+    return family
+
+
+def _family(user_agent: str, originator: str, api_client: str) -> str:
     for pattern, family in _FAMILIES:
         if pattern.search(user_agent):
             return family
-    originator = headers.get("originator") or ""
     if originator.startswith("codex"):
         return "codex"
-    api_client = headers.get("x-goog-api-client") or ""
     if "genai-js" in api_client or "gl-node" in api_client:
         return "google-genai-js"
     if "gl-python" in api_client:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import queue
 import sqlite3
 import threading
 import time
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -74,6 +75,8 @@ class CallRow:
 
 
 _COLUMNS = tuple(f.name for f in fields(CallRow))
+# Not dataclasses.astuple: it deep-copies every field, which was 75% of the writer's time.
+_row_values = operator.attrgetter(*_COLUMNS)
 _INSERT = f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
@@ -367,6 +370,7 @@ class Ledger:
         new_ids: dict[str, int] = {}
         new_projects: set[str] = set()
         new_batches: set[str] = set()
+        values = []
         db.execute("BEGIN")
         try:
             for item in items:
@@ -386,7 +390,8 @@ class Ledger:
                     db.execute("INSERT OR IGNORE INTO projects (name, created_at) VALUES (?, ?)",
                                (project, item.started_at))
                     new_projects.add(project)
-                db.execute(_INSERT, row_values(item))
+                values.append(_row_values(item))
+            db.executemany(_INSERT, values)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -424,10 +429,6 @@ class Ledger:
 
 _TOKEN_COLUMNS = ("input_tokens", "cache_read_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
                   "cache_write_30m_tokens", "cache_write_12h_tokens", "output_tokens")
-
-
-def row_values(row: CallRow) -> tuple:
-    return astuple(row)
 
 
 def _pricing_id(db: sqlite3.Connection, model_key: str | None, rates_json: str, at: float) -> int:
