@@ -86,17 +86,15 @@ def test_cache_writes_without_split_are_five_minute_writes():
     (429, b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"},"request_id":"req_1"}',
      "rate_limit_error"),
     (529, b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', "overloaded_error"),
-    (500, b"<html>upstream died</html>", None),
+    (500, b"<html>upstream died</html>", "api_error"),
     (503, b"", "api_error"),
 ])
 def test_error_bodies(status, body, expected):
     state, tap = replay(HOST, "/v1/messages", MESSAGES, body, status=status,
                         content_type="application/json" if body.startswith(b"{") else "text/html")
-    if expected is None:
-        assert tap.parse_error is not None  # a non-JSON body under a JSON parser: recorded, not fatal
-    else:
-        assert state.error_type == expected
-        assert state.usage_status == "none"
+    assert tap.parse_error is None  # an HTML error page is still a clean provider error
+    assert state.error_type == expected
+    assert state.usage_status == "none"
 
 
 def test_count_tokens_is_free_and_recorded():

@@ -442,8 +442,8 @@ def test_vertex_stream_cancelled_before_counts_is_unknown():
 
 def test_vertex_generate_provisioned_throughput():
     for label, state in replay_all("aiplatform.googleapis.com",
-                                   f"/v1beta1/projects/p/locations/global/publishers/google/models/"
-                                   f"gemini-2.5-flash:generateContent",
+                                   "/v1beta1/projects/p/locations/global/publishers/google/models/"
+                                   "gemini-2.5-flash:generateContent",
                                    "vertex_gemini_generate.json", JSON):
         assert usage_tuple(state) == (4096, 16384, 0, 352, 256), label
         assert state.service_tier == "provisioned_throughput"

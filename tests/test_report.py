@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from halton_meter import cli, report
+from halton_meter import cli
 from halton_meter.ledger import CallRow, Ledger, connect
 from halton_meter.report import format_usd, usd_string
 from tests.conftest import REPO, subprocess_env

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from urllib.parse import parse_qs, urlsplit
 
 from halton_meter.http1 import RequestHead, ResponseHead
@@ -172,11 +173,15 @@ class Adapter:
         elif state.json_body is not None and complete and not state.json_truncated:
             text = bytes(state.json_body)
             state.json_body = None
-            payload = json.loads(text) if text.strip() else None
             if state.status is not None and state.status >= 400:
+                # An error page need not be JSON (a gateway's HTML 502): the status still tells.
+                try:
+                    payload = json.loads(text) if text.strip() else None
+                except ValueError:
+                    payload = None
                 self.on_error_json(state, payload)
             else:
-                self.on_json(state, payload)
+                self.on_json(state, json.loads(text) if text.strip() else None)
         self.close(state, complete)
         if state.status is not None and state.status >= 400 and state.error_type is None:
             state.error_type = error_type_for_status(state.status)
@@ -283,8 +288,6 @@ def get_path(payload: object, *keys: str) -> object:
 
 def usd_to_nanousd(value: object) -> int | None:
     """A provider-reported USD amount (float or string) as integer nano-dollars, exactly rounded."""
-    from decimal import Decimal, InvalidOperation
-
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return None
     try:

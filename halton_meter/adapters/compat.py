@@ -176,7 +176,8 @@ class DeepSeekChat(ChatAdapter):
 
 class MistralChat(ChatAdapter):
     """Usage `{prompt_tokens, completion_tokens, total_tokens}` on the last stream chunk, with
-    or without include_usage (observed); cached counts are read if `prompt_tokens_details` has them."""
+    or without include_usage (observed); cached counts are read from `prompt_tokens_details`
+    when present (unverified for Mistral, §5)."""
 
     name = "mistral.chat"
     provider = "mistral"

@@ -148,22 +148,6 @@ class OpenAIAdapter(Adapter):
             error_type = openai_error_type(payload)  # Mistral and vLLM put code/type at the top
         state.error_type = error_type or error_type_of(payload) or state.error_type
 
-    def finish(self, state: CallState, complete: bool) -> CallState:
-        # An error body that is not JSON (a proxy's HTML 502, a plain-text 500) must leave the
-        # row with its status-derived error type, not mark the call unparsed: the base parses
-        # error bodies unconditionally, so read them here first.
-        if state.json_body is not None and state.status is not None and state.status >= 400:
-            text = bytes(state.json_body)
-            state.json_body = None
-            if complete and not state.json_truncated and text.strip():
-                try:
-                    payload = json.loads(text)
-                except ValueError:
-                    payload = None
-                if payload is not None:
-                    self.on_error_json(state, payload)
-        return super().finish(state, complete)
-
 
 class _ChunkProgress:
     """Per-stream memory of a chat adapter: whether the first chunk was read yet."""
