@@ -58,38 +58,38 @@ def xai_error_type(payload: object) -> str | None:
     return None
 
 
-class XAIChat(ChatAdapter):
+class _XAIUsage:
+    """xAI's traps, for its chat and Responses adapters: reasoning outside the output count
+    (folded in when `total_tokens` says so), its own charge in ticks, its error body shape."""
+
+    parse_usage = staticmethod(chat_usage)
+    usage_keys = ("prompt_tokens", "completion_tokens")
+
+    def read_usage(self, state: CallState, raw: dict) -> None:
+        state.usage = fold_xai_reasoning(self.parse_usage(raw), raw, *self.usage_keys)
+        state.usage_final = True
+        state.provider_cost_nanousd = ticks_to_nanousd(raw.get("cost_in_usd_ticks"))
+
+    def on_error_json(self, state: CallState, payload: object) -> None:
+        state.error_type = xai_error_type(payload)
+        if state.error_type is None:
+            super().on_error_json(state, payload)
+
+
+class XAIChat(_XAIUsage, ChatAdapter):
     name = "xai.chat"
     provider = "xai"
     hosts = ("api.x.ai",)
     endpoints = {"/v1/chat/completions": ("chat", BILL_TOKENS)}
 
-    def read_usage(self, state: CallState, raw: dict) -> None:
-        state.usage = fold_xai_reasoning(chat_usage(raw), raw, "prompt_tokens", "completion_tokens")
-        state.usage_final = True
-        state.provider_cost_nanousd = ticks_to_nanousd(raw.get("cost_in_usd_ticks"))
 
-    def on_error_json(self, state: CallState, payload: object) -> None:
-        state.error_type = xai_error_type(payload)
-        if state.error_type is None:
-            super().on_error_json(state, payload)
-
-
-class XAIResponses(ResponsesAdapter):
+class XAIResponses(_XAIUsage, ResponsesAdapter):
     name = "xai.responses"
     provider = "xai"
     hosts = ("api.x.ai",)
     endpoints = {"/v1/responses": ("responses", BILL_TOKENS)}
-
-    def read_usage(self, state: CallState, raw: dict) -> None:
-        state.usage = fold_xai_reasoning(responses_usage(raw), raw, "input_tokens", "output_tokens")
-        state.usage_final = True
-        state.provider_cost_nanousd = ticks_to_nanousd(raw.get("cost_in_usd_ticks"))
-
-    def on_error_json(self, state: CallState, payload: object) -> None:
-        state.error_type = xai_error_type(payload)
-        if state.error_type is None:
-            super().on_error_json(state, payload)
+    parse_usage = staticmethod(responses_usage)
+    usage_keys = ("input_tokens", "output_tokens")
 
 
 # ---- Groq — api.groq.com --------------------------------------------------------------------
