@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     reprice.add_argument("--home", dest="reprice_home", help=argparse.SUPPRESS)
     reprice.add_argument("--since", metavar="WHEN", help="only calls from then on (same forms as report; default all)")
     reprice.add_argument("--until", metavar="WHEN", help="only calls before then")
-    reprice.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    reprice.add_argument("--dry-run", action="store_true", help="say what would change, change no cost")
     reprice.set_defaults(func=cmd_reprice)
     return parser
 
@@ -209,6 +209,7 @@ def cmd_pricing_import(args: argparse.Namespace) -> int:
 
 
 def cmd_reprice(args: argparse.Namespace) -> int:
+    import sqlite3
     import time
 
     from halton_meter.report import TimeError, parse_time
@@ -226,7 +227,12 @@ def cmd_reprice(args: argparse.Namespace) -> int:
         print("No captures yet: there is nothing to reprice.")
         return 0
     prices = _load_prices(settings.home)
-    summary = reprice(settings.db_path, prices, since=since, until=until, dry_run=args.dry_run)
+    try:
+        summary = reprice(settings.db_path, prices, since=since, until=until, dry_run=args.dry_run)
+    except sqlite3.Error as exc:
+        print(f"halton-meter: cannot reprice {settings.db_path} ({exc}). Check the file, or retry "
+              "if another process holds it locked.", file=sys.stderr)
+        return 1
     verb = "would change" if args.dry_run else "changed"
     print(f"Repriced {summary.examined:,} calls: {summary.changed:,} {verb}.")
     print(f"  total cost {_usd(summary.before_nanousd)} -> {_usd(summary.after_nanousd)}; "

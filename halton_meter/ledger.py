@@ -67,6 +67,9 @@ class CallRow:
     billed_items: str | None = None  # JSON object, e.g. {"web_search_requests": 2}
     usage_json: str | None = None  # the provider's usage, verbatim
     provider_cost_nanousd: int | None = None  # what the provider says it charged (OpenRouter, xAI)
+    # Rows summing several requests (batch results): their smallest and largest prompt, for tiers.
+    smallest_prompt_tokens: int | None = None
+    largest_prompt_tokens: int | None = None
     # priced by the writer thread
     cost_nanousd: int | None = None  # NULL: unpriced (see unpriced_reason) or nothing to price
     price_model: str | None = None  # the rate-table key used
@@ -114,7 +117,8 @@ _V2_CALL_COLUMNS = (
     "cache_write_5m_tokens INTEGER NOT NULL DEFAULT 0", "cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0",
     "cache_write_30m_tokens INTEGER NOT NULL DEFAULT 0", "cache_write_12h_tokens INTEGER NOT NULL DEFAULT 0",
     "output_tokens INTEGER NOT NULL DEFAULT 0", "reasoning_tokens INTEGER", "billed_items TEXT",
-    "usage_json TEXT", "provider_cost_nanousd INTEGER", "cost_nanousd INTEGER", "price_model TEXT",
+    "usage_json TEXT", "provider_cost_nanousd INTEGER", "smallest_prompt_tokens INTEGER",
+    "largest_prompt_tokens INTEGER", "cost_nanousd INTEGER", "price_model TEXT",
     "pricing_id INTEGER REFERENCES pricing_rates (id)", "unpriced_reason TEXT",
 )
 
@@ -181,6 +185,9 @@ REPORT_INDEXES = (
     "WHERE usage_status IN ('unknown', 'partial', 'duplicate')",
     "CREATE INDEX calls_provider_cost ON calls (started_at, provider_cost_nanousd, cost_nanousd) "
     "WHERE provider_cost_nanousd IS NOT NULL",
+    "CREATE INDEX calls_unpriced ON calls (started_at, model, unpriced_reason, input_tokens, "
+    "cache_read_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_write_30m_tokens, "
+    "cache_write_12h_tokens, output_tokens) WHERE unpriced_reason IS NOT NULL",
 )
 
 
@@ -247,7 +254,7 @@ class Ledger:
         self._startup_error: BaseException | None = None
         self._pricing_ids: dict[str, int] = {}  # rates_json -> pricing_rates.id, committed ones
         self._projects: set[str] = set()  # project names known to be in `projects`
-        self._batch_ids: set[str] = set()  # batch result downloads already counted
+        self._batch_ids: dict[str, str] = {}  # "provider:batch id" -> usage_status counted
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
 
     def start(self) -> None:
@@ -369,7 +376,7 @@ class Ledger:
     def _insert(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None]) -> None:
         new_ids: dict[str, int] = {}
         new_projects: set[str] = set()
-        new_batches: set[str] = set()
+        new_batches: dict[str, str] = {}
         values = []
         db.execute("BEGIN")
         try:
@@ -402,29 +409,49 @@ class Ledger:
             raise
         self._pricing_ids.update(new_ids)
         self._projects |= new_projects
-        self._batch_ids |= new_batches
+        self._batch_ids.update(new_batches)
 
-    def _is_duplicate_batch(self, db: sqlite3.Connection, row: CallRow, seen: set[str]) -> bool:
-        """A second download of a batch's results is not new spend: kept for audit, counted 0."""
-        if row.endpoint != "batch_results" or not row.request_id or row.usage_status != "exact":
+    def _is_duplicate_batch(self, db: sqlite3.Connection, row: CallRow, seen: dict[str, str]) -> bool:
+        """A batch's results downloaded again are not new spend: kept for audit, counted 0.
+
+        The first complete download counts. A partial one counts only until a complete one
+        arrives, which then marks the earlier partial ones duplicates.
+        """
+        if row.usage_status == "duplicate":
+            return True  # already decided, in an earlier attempt at this batch
+        if row.endpoint != "batch_results" or not row.request_id or row.usage_status not in ("exact", "partial"):
             return False
         key = f"{row.provider}:{row.request_id}"
-        if key in self._batch_ids or key in seen or db.execute(
-            "SELECT 1 FROM calls WHERE endpoint = 'batch_results' AND request_id = ? AND provider IS ? "
-            "AND usage_status = 'exact' LIMIT 1", (row.request_id, row.provider)
-        ).fetchone():
-            row.usage_status = "duplicate"
-            row.cost_nanousd, row.unpriced_reason, row.price_model, row.pricing_id = 0, None, None, None
-            for name in _TOKEN_COLUMNS:
-                setattr(row, name, 0)
-            row.reasoning_tokens = None
+        counted = seen.get(key) or self._batch_ids.get(key)
+        if counted is None:
+            found = db.execute(
+                "SELECT usage_status FROM calls WHERE endpoint = 'batch_results' AND request_id = ? "
+                "AND provider IS ? AND usage_status IN ('exact', 'partial') ORDER BY usage_status = 'exact' DESC "
+                "LIMIT 1", (row.request_id, row.provider)).fetchone()
+            counted = found[0] if found else None
+        if counted == "exact" or (counted == "partial" and row.usage_status == "partial"):
+            _zero_usage(row)
             return True
-        seen.add(key)
+        if counted == "partial":  # this complete download supersedes the partial ones
+            db.execute(
+                f"UPDATE calls SET usage_status = 'duplicate', {', '.join(f'{c} = 0' for c in _TOKEN_COLUMNS)}, "
+                "reasoning_tokens = NULL, cost_nanousd = 0, price_model = NULL, pricing_id = NULL, "
+                "unpriced_reason = NULL WHERE endpoint = 'batch_results' AND request_id = ? AND provider IS ? "
+                "AND usage_status = 'partial'", (row.request_id, row.provider))
+        seen[key] = row.usage_status
         return False
 
     def _lose(self, count: int) -> None:
         self.rows_lost += count
         log.error("ledger_rows_lost rows=%d total_lost=%d path=%s", count, self.rows_lost, self.path)
+
+
+def _zero_usage(row: CallRow) -> None:
+    row.usage_status = "duplicate"
+    row.cost_nanousd, row.unpriced_reason, row.price_model, row.pricing_id = 0, None, None, None
+    for name in _TOKEN_COLUMNS:
+        setattr(row, name, 0)
+    row.reasoning_tokens = None
 
 
 _TOKEN_COLUMNS = ("input_tokens", "cache_read_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens",
@@ -448,6 +475,8 @@ def row_usage(row: CallRow):
         cache_write_30m_tokens=row.cache_write_30m_tokens,
         cache_write_12h_tokens=row.cache_write_12h_tokens, output_tokens=row.output_tokens,
         reasoning_tokens=row.reasoning_tokens, billed_items=items,
+        request_prompt_range=None if row.largest_prompt_tokens is None
+        else (row.smallest_prompt_tokens, row.largest_prompt_tokens),
     )
 
 

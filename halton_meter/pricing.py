@@ -176,12 +176,25 @@ class _Plan:
     reasoning_output: Decimal | None
     per_request: Mapping[str, Decimal]
     rates_json: str
+    column: str
+    # Cache-write counters a service column (batch, priority…) gives no rate for: billing them at
+    # the standard rate would be a guess, so such a call is unpriced instead.
+    unlisted: tuple[str, ...] = ()
+
+    def missing_rate(self, usage: Usage) -> str | None:
+        for name, attribute in _COUNTERS:
+            if name in self.unlisted and getattr(usage, attribute):
+                return name
+        return None
 
     @classmethod
     def build(cls, rates: Rates, column_name: str, column: Column | None, tier: Tier | None) -> _Plan:
         effective = rates.base
+        unlisted: tuple[str, ...] = ()
         if column is not None:
             effective.update(column.rates)
+            unlisted = tuple(name for name, _ in _COUNTERS if name.startswith("cache_write")
+                             and rates.base[name] is not None and column.rates.get(name) is None)
         if tier is not None:
             effective.update(tier.rates)
         input_rate = effective["input"] if effective["input"] is not None else rates.input
@@ -203,7 +216,7 @@ class _Plan:
             "units": "USD per 1M tokens; per_request USD each",
         }
         return cls(counter_rates, output_rate, effective["reasoning_output"], rates.per_request,
-                   json.dumps(audit, sort_keys=True, separators=(",", ":")))
+                   json.dumps(audit, sort_keys=True, separators=(",", ":")), column_name, unlisted)
 
     def cost_nanousd(self, usage: Usage) -> int:
         with localcontext(_EXACT):
@@ -342,10 +355,37 @@ class PriceTable:
         if found is None:
             named = next((name for name in models if name), None)
             return Quote(None, None, None, f"unknown model {named}" if named else "no model name")
-        plan = found[1].plan(service_tier, usage.prompt_tokens, at)
+        rates = found[1]
+        prompt_tokens = usage.prompt_tokens
+        if usage.request_prompt_range is not None:
+            # Summed requests: tiers apply per request, so every request must fall in one tier.
+            smallest, largest = usage.request_prompt_range
+            if _reached(rates.tiers, smallest) != _reached(rates.tiers, largest):
+                return Quote(None, key, None, f"requests on both sides of {rates.key}'s long-context "
+                                              "tier in one batch: price them one by one")
+            prompt_tokens = largest
+        plan = rates.plan(service_tier, prompt_tokens, at)
         if isinstance(plan, str):
             return Quote(None, key, None, plan)
+        missing = plan.missing_rate(usage)
+        if missing is not None:
+            return Quote(None, key, None, f"no {missing} rate in {rates.key}'s {plan.column} rates")
         return Quote(plan.cost_nanousd(usage), key, plan.rates_json, None)
+
+
+def with_batch_hour_writes(entry: dict) -> dict:
+    """Anthropic's batch discount stacks with the prompt-caching multipliers (the snapshot's batch
+    5 m writes are exactly half the standard ones); LiteLLM lists no batch 1 h write rate, so it is
+    derived the same way rather than left to fall back to the standard rate."""
+    batch = entry.get("batch")
+    if not isinstance(batch, dict) or batch.get("cache_write_1h") is not None:
+        return entry
+    if entry.get("cache_write_1h") is None or not entry.get("input") or batch.get("input") is None:
+        return entry
+    batch = dict(batch, cache_write_1h=entry["cache_write_1h"] * batch["input"] / entry["input"])
+    notes = entry.get("notes")
+    derived = "batch cache_write_1h derived by halton-meter (batch discount x 1 h write rate)"
+    return dict(entry, batch=batch, notes=f"{notes}; {derived}" if notes else derived)
 
 
 # ---- model ids (pricing.md §4) ---------------------------------------------------------------

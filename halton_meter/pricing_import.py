@@ -17,7 +17,8 @@ from typing import Mapping
 
 from halton_meter.pricing import (IMPORTED_FILE, LAYER_IMPORTED, SERVICE_COLUMNS, TOKEN_RATES, PriceTable,
                                   PricingError, _canon, _plain, _Where, _windows, _write_atomically,
-                                  dumps_exact, parse_entry, to_decimal)
+                                  dumps_exact, parse_entry, to_decimal,
+                                  with_batch_hour_writes)
 
 _TOKEN_MODES = frozenset({"chat", "responses", "completion", "embedding"})
 # Clouds reselling other companies' models: never allowed to replace a first-party entry.
@@ -94,6 +95,8 @@ def import_litellm(path: Path, home: Path) -> ImportSummary:
         if entry is None:
             skip("no token rates")
             continue
+        if entry.get("provider") == "anthropic":
+            entry = with_batch_hour_writes(entry)
         key = _litellm_key(litellm_id, provider)
         try:
             parse_entry(key, entry, origin=str(path), layer=LAYER_IMPORTED, fix="")

@@ -553,3 +553,5 @@ def copy_state(call: CallRow, state: CallState) -> None:
         call.reasoning_tokens = usage.reasoning_tokens
         call.billed_items = json.dumps(usage.billed_items, sort_keys=True) if usage.billed_items else None
         call.usage_json = json.dumps(usage.raw, separators=(",", ":")) if usage.raw is not None else None
+        if usage.request_prompt_range is not None:
+            call.smallest_prompt_tokens, call.largest_prompt_tokens = usage.request_prompt_range

@@ -180,7 +180,8 @@ def parse_time(text: str, now: float, *, flag: str = "--since", end: bool = Fals
 
 
 def open_ledger(db_path: Path) -> sqlite3.Connection | None:
-    """The ledger, migrated and read-only for this connection; None when there is no file yet."""
+    """The ledger (migrated to this version first, like every opener), queried read-only; None when
+    there is no file yet."""
     from halton_meter.ledger import connect
 
     if not db_path.exists():

@@ -110,7 +110,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     finally:
         try:
             await server.close(settings.shutdown_grace_s)
-            ledger.audit("proxy_stopped", rows_written=ledger.rows_written, rows_lost=ledger.rows_lost)
+            ledger.audit("proxy_stopping", rows_lost_so_far=ledger.rows_lost)
             await asyncio.to_thread(ledger.close)
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):

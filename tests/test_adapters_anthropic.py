@@ -159,3 +159,16 @@ def test_vertex_anthropic_count_tokens_is_free():
 def test_unmatched_provider_path_gets_the_hosts_generic_adapter():
     state, _ = replay(HOST, "/v1/models", None, b'{"data": []}', method="GET")
     assert (state.provider, state.endpoint, state.usage_status) == ("anthropic", None, "none")
+
+
+def test_fast_speed_selects_the_premium_column():
+    body = {"id": "m", "model": "claude-opus-4-6", "usage": {"input_tokens": 1000, "output_tokens": 1000,
+                                                             "service_tier": "standard", "speed": "fast"}}
+    state, _ = replay(HOST, "/v1/messages?beta=true", {"model": "claude-opus-4-6"}, json.dumps(body).encode())
+    assert state.service_tier == "fast"  # priced from a `fast` column, else unpriced — never standard
+
+
+def test_batch_results_keep_each_requests_prompt_size_for_tiers():
+    state, _ = replay(HOST, "/v1/messages/batches/msgbatch_01/results", None,
+                      transcript("anthropic_batch_results.jsonl"), method="GET", content_type="application/binary")
+    assert state.usage.request_prompt_range == (60, 210)  # prompts incl. 10 cache-read tokens each

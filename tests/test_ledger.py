@@ -211,3 +211,20 @@ def test_concurrent_first_opens_migrate_once(tmp_path):
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("statuses,expected", [
+    (("partial", "exact"), [("duplicate", 0, 0), ("exact", 100, 5)]),
+    (("exact", "partial"), [("exact", 100, 5), ("duplicate", 0, 0)]),
+    (("partial", "partial"), [("partial", 100, 5), ("duplicate", 0, 0)]),
+])
+def test_batch_results_count_once_whatever_order_downloads_finish_in(tmp_path, statuses, expected):
+    def results(n: int, status: str) -> CallRow:
+        return CallRow(call_id=f"b{n}", started_at=time.time(), host="api.anthropic.com", method="GET",
+                       path="/v1/messages/batches/msgbatch_9/results", status=200, provider="anthropic",
+                       endpoint="batch_results", request_id="msgbatch_9", usage_status=status, billing="tokens",
+                       input_tokens=100, output_tokens=10, cost_nanousd=5)
+    for n, status in enumerate(statuses):
+        write_rows(tmp_path, [results(n, status)])
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    assert db.execute("SELECT usage_status, input_tokens, cost_nanousd FROM calls ORDER BY id").fetchall() == expected

@@ -679,3 +679,34 @@ def test_bundled_json_is_what_build_pricing_generates():
     assert module.render(SNAPSHOT) == bundled
     snapshot = json.loads(SNAPSHOT.read_text(encoding="utf-8"))
     assert set(snapshot["models"]) <= set(json.loads(bundled)["models"])
+
+
+# ---- service columns and summed batch results (review findings) --------------------------------
+
+
+def test_anthropic_batch_hour_writes_are_discounted_like_the_rest(table):
+    usage = Usage(cache_write_1h_tokens=100_000)
+    assert table.price(provider="anthropic", models=["claude-sonnet-4-5"], usage=usage, billing=BILL_TOKENS,
+                       service_tier="batch", at=None).cost_nanousd == 100_000 * 3000  # $6 standard, $3 batch
+
+
+def test_a_write_rate_missing_from_a_service_column_is_unpriced_not_standard(table):
+    usage = Usage(input_tokens=10, cache_write_12h_tokens=100)
+    got = table.price(provider="openai", models=["gpt-5.6"], usage=usage, billing=BILL_TOKENS,
+                      service_tier="batch", at=None)
+    assert got.cost_nanousd is None and "cache_write_12h" in got.unpriced_reason
+    without = table.price(provider="openai", models=["gpt-5.6"], usage=Usage(input_tokens=10), billing=BILL_TOKENS,
+                          service_tier="batch", at=None)
+    assert without.cost_nanousd == 10 * 2000
+
+
+def test_summed_batch_results_are_tiered_per_request_not_on_the_sum(table):
+    # 40 requests of 3,000 prompt tokens: 120k in all, but each is far below haiku 5.5's 100k tier.
+    usage = Usage(input_tokens=120_000, output_tokens=4_000, request_prompt_range=(3_000, 3_000))
+    got = table.price(provider="anthropic", models=["claude-haiku-5-5"], usage=usage, billing=BILL_TOKENS,
+                      service_tier="batch", at=None)
+    assert got.cost_nanousd == 120_000 * 50 + 4_000 * 250
+    straddling = Usage(input_tokens=300_000, request_prompt_range=(3_000, 150_000))
+    got = table.price(provider="anthropic", models=["claude-haiku-5-5"], usage=straddling, billing=BILL_TOKENS,
+                      service_tier="batch", at=None)
+    assert got.cost_nanousd is None and "both sides" in got.unpriced_reason

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from halton_meter.pricing import PricingError, dumps_exact, parse_models  # noqa: E402
+from halton_meter.pricing import PricingError, dumps_exact, parse_models, with_batch_hour_writes  # noqa: E402
 
 DEFAULT_SNAPSHOT = REPO.parent / "shared" / "reference" / "pricing-snapshot.json"
 DEFAULT_OUTPUT = REPO / "halton_meter" / "pricing.json"
@@ -44,8 +44,10 @@ def build(snapshot: dict) -> dict:
     models = {}
     for key, entry in snapshot["models"].items():
         entry = dict(entry)
-        if entry.get("provider") == "anthropic" and "per_request" not in entry:
-            entry["per_request"] = dict(ANTHROPIC_PER_REQUEST)
+        if entry.get("provider") == "anthropic":
+            if "per_request" not in entry:
+                entry["per_request"] = dict(ANTHROPIC_PER_REQUEST)
+            entry = with_batch_hour_writes(entry)
         models[key] = entry
     for key, entry in EXTRA_MODELS.items():
         models.setdefault(key, dict(entry))

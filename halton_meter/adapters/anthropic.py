@@ -52,6 +52,14 @@ def usage_from_anthropic(raw: dict) -> Usage:
     )
 
 
+def service_tier_of(usage: dict) -> str | None:
+    """The price column: `speed: "fast"` (beta) is premium-priced whatever the service tier says."""
+    if usage.get("speed") == "fast":
+        return "fast"
+    tier = usage.get("service_tier")
+    return tier if isinstance(tier, str) else None
+
+
 def merge_delta_usage(current: dict, delta: dict) -> dict:
     """The SDK's accumulator: each non-null delta field replaces the running value."""
     merged = dict(current)
@@ -91,6 +99,7 @@ class AnthropicMessages(Adapter):
             if isinstance(delta, dict):
                 current = state.usage.raw if state.usage is not None else {}
                 state.usage = usage_from_anthropic(merge_delta_usage(current, delta))
+                state.service_tier = service_tier_of(state.usage.raw) or state.service_tier
         else:  # an error after HTTP 200, e.g. overloaded_error (what a 529 would have been)
             state.error_type = get_path(data, "error", "type") or "error"
 
@@ -108,8 +117,7 @@ class AnthropicMessages(Adapter):
         usage = message.get("usage")
         if isinstance(usage, dict):
             state.usage = usage_from_anthropic(usage)
-            tier = usage.get("service_tier")
-            state.service_tier = tier if isinstance(tier, str) else state.service_tier
+            state.service_tier = service_tier_of(usage) or state.service_tier
 
 
 class AnthropicCountTokens(Adapter):
@@ -246,9 +254,12 @@ class AnthropicBatchResults(Adapter):
 
 def add_usage(total: Usage | None, more: Usage) -> Usage:
     """Sum of two calls' usage (batch results are separate calls, unlike stream deltas)."""
+    prompt = more.prompt_tokens
     if total is None:
         more.raw = [more.raw]
+        more.request_prompt_range = (prompt, prompt)
         return more
+    low, high = total.request_prompt_range or (total.prompt_tokens, total.prompt_tokens)
     items = dict(total.billed_items)
     for name, count in more.billed_items.items():
         items[name] = items.get(name, 0) + count
@@ -267,6 +278,7 @@ def add_usage(total: Usage | None, more: Usage) -> Usage:
         reasoning_tokens=reasoning,
         billed_items=items,
         raw=raw,
+        request_prompt_range=(min(low, prompt), max(high, prompt)),
     )
 
 

@@ -54,6 +54,9 @@ class Usage:
     reasoning_tokens: int | None = None  # informational subset of output_tokens
     billed_items: dict[str, int] = field(default_factory=dict)  # e.g. {"web_search_requests": 2}
     raw: object = None  # the provider's usage object(s), verbatim
+    # Set only when several requests are summed (batch results): their smallest and largest
+    # prompt, because long-context tiers apply per request, never to the sum.
+    request_prompt_range: tuple[int, int] | None = None
 
     @property
     def cache_write_tokens(self) -> int:
