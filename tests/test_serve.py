@@ -281,3 +281,21 @@ def test_ipv6_loopback_listen_prints_a_usable_url(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(15) == 0
     assert line.startswith("halton-meter listening on http://[::1]:")
+
+
+def test_a_finished_call_is_on_disk_within_a_second_and_survives_sigkill(tmp_path, fake):
+    proxy = start_serve(tmp_path, *upstream_args(fake))
+    for n in range(5):
+        conn = proxy.connection()
+        conn.request("POST", "/v1/messages", body=messages_body(),
+                     headers={"content-type": "application/json", "x-halton-project": "durable"})
+        conn.getresponse().read()
+        conn.close()
+    finished = time.monotonic()
+    rows = proxy.wait_rows("durable", 5, timeout=1.0)
+    assert len(rows) == 5 and time.monotonic() - finished < 1.0
+    proxy.process.kill()  # a crash: no flush, no shutdown
+    proxy.process.wait(10)
+    db = sqlite3.connect(proxy.db)
+    assert db.execute("SELECT COUNT(*), SUM(cost_nanousd) FROM calls WHERE project = 'durable'").fetchone() == (
+        5, 5 * (12 * 3000 + 9 * 15000))
