@@ -156,7 +156,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from halton_meter.report import run_tail
+    from halton_meter.tail import run_tail
 
     settings = load_settings(resolve_home(args.tail_home or args.home))
     return run_tail(settings.db_path, lines=args.lines, follow=args.follow, projects=args.project,

@@ -41,7 +41,7 @@ rounded to 0.1 and 0.01, or null. An empty ledger gives zero totals and empty gr
     cost_nanousd,cost_usd,unpriced_calls,avg_duration_ms,cost_share_pct
 (one line; `\\n` line ends; empty fields for null).
 
-`tail` shows the latest recorded calls (ledger id order: a call is recorded when it ends), one
+`tail` (tail.py) shows the latest recorded calls (ledger id order: a call is recorded when it ends), one
 line each; its cost column reads `unpriced`, `usage unknown`, `duplicate` or `-` when no cost
 applies. `tail --json` prints one object per line: id, call_id, started_at (ISO-8601 local), project,
 provider, model, endpoint, client, status, outcome, error_type, usage_status, input_tokens,
@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import sqlite3
 import sys
@@ -72,7 +71,6 @@ DEFAULT_SINCE = "30d"
 DEFAULT_GROUPINGS = ("project", "model")
 TIME_GROUPINGS = ("day", "week", "month")
 COLUMN_GROUPINGS = ("project", "model", "provider", "client", "endpoint")
-FOLLOW_POLL_S = 0.5
 UNPRICED_FIX = ("add prices under [pricing.models] in config.toml "
                 "or `halton-meter pricing import FILE`")
 NO_CAPTURES = (
@@ -93,12 +91,6 @@ _MEASURES = (
     "COUNT(*), SUM(input_tokens), SUM(cache_read_tokens), "
     "SUM(cache_write_5m_tokens + cache_write_1h_tokens + cache_write_30m_tokens + cache_write_12h_tokens), "
     "SUM(output_tokens), SUM(cost_nanousd), SUM(duration_ms), COUNT(duration_ms), COUNT(unpriced_reason)"
-)
-_TAIL_COLUMNS = (
-    "id, call_id, started_at, project, provider, model, endpoint, client, status, outcome, error_type, "
-    "usage_status, input_tokens, cache_read_tokens, "
-    "cache_write_5m_tokens + cache_write_1h_tokens + cache_write_30m_tokens + cache_write_12h_tokens, "
-    "output_tokens, cost_nanousd, unpriced_reason, duration_ms"
 )
 
 
@@ -570,104 +562,3 @@ def _local(ts: float) -> str:
 
 def _short(iso: str) -> str:
     return iso[:16].replace("T", " ")
-
-
-# --- tail -----------------------------------------------------------------------------------
-
-
-def run_tail(db_path: Path, *, lines: int = 20, follow: bool = False, projects: Iterable[str] = (),
-             as_json: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """The `tail` command: the last `lines` calls, oldest first; with `follow`, new ones until Ctrl-C."""
-    out, err = out or sys.stdout, err or sys.stderr
-    projects = tuple(projects)
-    where, params = "", []
-    if projects:
-        where = f" AND COALESCE(project, 'default') IN ({', '.join('?' * len(projects))})"
-        params = list(projects)
-    db = None
-    try:
-        db = open_ledger(db_path)
-        last_id = 0
-        if db is not None:
-            last_id = _newest_id(db)
-            rows = db.execute(
-                f"SELECT * FROM (SELECT {_TAIL_COLUMNS} FROM calls WHERE id <= ?{where} "
-                "ORDER BY id DESC LIMIT ?) ORDER BY id", (last_id, *params, lines)).fetchall()
-            _emit(rows, as_json, out)
-        if not last_id and not as_json and not follow:
-            out.write(NO_CAPTURES)
-        out.flush()
-        if not follow:
-            return 0
-        if not last_id and not as_json:
-            print("No captures yet; waiting for the first call (Ctrl-C to stop).", file=err, flush=True)
-        while True:
-            time.sleep(FOLLOW_POLL_S)
-            if db is None:
-                db = open_ledger(db_path)
-                continue
-            # Seeks on the rowid: each poll reads only the rows added since the last one, and
-            # advances past rows the --project filter skips, so a quiet project costs nothing.
-            newest = _newest_id(db)
-            if newest > last_id:
-                rows = db.execute(f"SELECT {_TAIL_COLUMNS} FROM calls WHERE id > ? AND id <= ?{where} "
-                                  "ORDER BY id", (last_id, newest, *params)).fetchall()
-                _emit(rows, as_json, out)
-                out.flush()
-                last_id = newest
-    except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:  # `tail -f | head`: the reader left; exit quietly
-        if out is sys.stdout:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except sqlite3.Error as exc:
-        print(f"halton-meter tail: cannot read the ledger {db_path}: {exc}", file=err)
-        return 1
-    finally:
-        if db is not None:
-            db.close()
-
-
-def _newest_id(db: sqlite3.Connection) -> int:
-    return db.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
-
-
-def _emit(rows: list[tuple], as_json: bool, out: TextIO) -> None:
-    for row in rows:
-        out.write((json.dumps(_tail_record(row)) if as_json else _tail_line(row)) + "\n")
-
-
-def _tail_record(row: tuple) -> dict:
-    (id_, call_id, started_at, project, provider, model, endpoint, client, status, outcome, error_type,
-     usage_status, inp, read, write, output, cost, unpriced_reason, duration_ms) = row
-    return {
-        "id": id_, "call_id": call_id, "started_at": _iso(started_at),
-        "project": project if project is not None else "default", "provider": provider, "model": model,
-        "endpoint": endpoint, "client": client, "status": status, "outcome": outcome,
-        "error_type": error_type, "usage_status": usage_status, "input_tokens": inp,
-        "cache_read_tokens": read, "cache_write_tokens": write, "output_tokens": output,
-        "cost_nanousd": cost, "cost_usd": usd_string(cost) if cost is not None else None,
-        "unpriced_reason": unpriced_reason, "duration_ms": duration_ms,
-    }
-
-
-def _tail_line(row: tuple) -> str:
-    r = _tail_record(row)
-    status = f"{r['status'] if r['status'] is not None else '-'} {r['outcome']}"
-    tokens = f"in {r['input_tokens']:,} out {r['output_tokens']:,}"
-    if r["cache_read_tokens"]:
-        tokens += f" cache read {r['cache_read_tokens']:,}"
-    if r["usage_status"] == "duplicate":
-        cost = "duplicate"
-    elif r["cost_nanousd"] is not None:
-        cost = format_usd(r["cost_nanousd"])
-    elif r["unpriced_reason"]:
-        cost = "unpriced"
-    elif r["usage_status"] == "unknown":
-        cost = "usage unknown"
-    else:
-        cost = "-"
-    duration = f"{round(r['duration_ms']):,} ms" if r["duration_ms"] is not None else "-"
-    return (f"{_local(row[2])}  {r['project']:<16} {r['provider'] or '-':<10} {r['model'] or '-':<26} "
-            f"{status:<20} {tokens:<36} {cost:>13} {duration:>10}  {r['client'] or '-'}").rstrip()
