@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     reprice.add_argument("--until", metavar="WHEN", help="only calls before then")
     reprice.add_argument("--dry-run", action="store_true", help="say what would change, change no cost")
     reprice.set_defaults(func=cmd_reprice)
+
+    demo = commands.add_parser(
+        "demo", help="see it work, offline, in seconds",
+        description="Start a throwaway proxy and a loopback fake provider in a temp directory, send "
+                    "streaming and non-streaming calls for two projects to three providers, and print "
+                    "the report they make. Touches neither your ~/.halton-meter nor the internet.")
+    demo.add_argument("--keep", action="store_true", help="keep the temp directory to explore it")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -244,3 +252,9 @@ def _usd(nanousd: int) -> str:
     from halton_meter.report import format_usd
 
     return format_usd(nanousd)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from halton_meter.demo import run_demo
+
+    return run_demo(keep=args.keep)

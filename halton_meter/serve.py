@@ -10,7 +10,7 @@ import signal
 import sqlite3
 import ssl
 import sys
-from typing import TextIO
+from typing import Callable, TextIO
 
 from halton_meter import __version__
 from halton_meter.adapters import PRIMARY_HOSTS, PROVIDER_HOSTS
@@ -39,7 +39,9 @@ def prepare_ca(settings: Settings) -> CertificateAuthority:
     return ca
 
 
-async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Event | None = None) -> int:
+async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Event | None = None,
+                on_ready: Callable[[int], None] | None = None) -> int:
+    """Run until `stop` is set (or a signal); `on_ready(port)` once the listener accepts."""
     settings.home.mkdir(parents=True, exist_ok=True)
     shrink_tls_read_buffers()
     try:
@@ -105,6 +107,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
         print(f"    export {name}={settings.bundle_path}", file=out)
     out.flush()
     ledger.audit("proxy_started", version=__version__, port=port, pid=os.getpid())
+    if on_ready is not None:
+        on_ready(port)
     try:
         await stop.wait()
     finally:
