@@ -38,15 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the metering proxy in the foreground; stops on Ctrl-C / SIGTERM, "
                     "flushing every pending row.",
     )
-    serve.add_argument("--home", dest="serve_home", help=argparse.SUPPRESS)
-    serve.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)")
-    serve.add_argument("--listen", help="loopback address to bind (default 127.0.0.1)")
-    serve.add_argument("--upstream", action="append", metavar="HOST=ADDR:PORT", type=_upstream_arg,
-                       help="send HOST's traffic to ADDR:PORT, keeping SNI, Host and verification for HOST (repeatable)")
-    serve.add_argument("--upstream-ca", action="append", metavar="FILE",
-                       help="extra trust anchors (PEM) for verifying upstream certificates (repeatable)")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    serve.set_defaults(func=cmd_serve)
+    _proxy_arguments(serve)
+    serve.set_defaults(func=cmd_serve, mode="serve")
+
+    edge = commands.add_parser(
+        "edge", help="the always-on listener in front of the metering daemon (run by start)",
+        description="The user-facing listener: hands each connection to the metering daemon when it "
+                    "is healthy, and tunnels straight to the provider (unmetered, logged) when it is not.")
+    _proxy_arguments(edge)
+    edge.set_defaults(func=cmd_serve, mode="edge")
+
+    daemon = commands.add_parser(
+        "daemon", help="the metering daemon behind the edge (run by start)",
+        description="Interception, metering and the ledger, fed by the edge over <home>/run/daemon.sock; "
+                    "also listens on --port (default: a free one) for direct use.")
+    _proxy_arguments(daemon)
+    daemon.set_defaults(func=cmd_serve, mode="daemon")
 
     report = commands.add_parser(
         "report", help="spend by project and model over a time window",
@@ -120,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _proxy_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--home", dest="serve_home", help=argparse.SUPPRESS)
+    command.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)")
+    command.add_argument("--listen", help="loopback address to bind (default 127.0.0.1)")
+    command.add_argument("--upstream", action="append", metavar="HOST=ADDR:PORT", type=_upstream_arg,
+                         help="send HOST's traffic to ADDR:PORT, keeping SNI, Host and verification for HOST "
+                              "(repeatable)")
+    command.add_argument("--upstream-ca", action="append", metavar="FILE",
+                         help="extra trust anchors (PEM) for verifying upstream certificates (repeatable)")
+    command.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -138,17 +157,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from halton_meter.edge_process import EdgeError, handoff_path, run_edge
     from halton_meter.serve import ServeError, serve
     from halton_meter.tls.ca import CAError
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     home = resolve_home(args.serve_home or args.home)
-    settings = load_settings(home, port=args.port, listen=args.listen,
+    port = args.port if args.port is not None or args.mode != "daemon" else 0
+    settings = load_settings(home, port=port, listen=args.listen,
                              upstreams=args.upstream, upstream_ca_files=args.upstream_ca)
     try:
-        return asyncio.run(serve(settings))
-    except (ServeError, CAError) as exc:
+        if args.mode == "edge":
+            return asyncio.run(run_edge(settings, search_port=args.port is None))
+        handoff = handoff_path(settings) if args.mode == "daemon" else None
+        return asyncio.run(serve(settings, handoff=handoff))
+    except (ServeError, CAError, EdgeError) as exc:
         print(f"halton-meter: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ import binascii
 import ipaddress
 import logging
 import re
+import socket
 import weakref
 from urllib.parse import urlsplit
 
@@ -49,32 +50,50 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
 class ProxyServer:
     """Accepts proxy connections on a loopback address and owns their tasks until shutdown."""
 
-    def __init__(self, interceptor: Interceptor, *, listen: str = "127.0.0.1", port: int = 8081) -> None:
+    def __init__(self, interceptor: Interceptor | None, *, listen: str = "127.0.0.1", port: int = 8081,
+                 upstreams: dict[str, tuple[str, int]] | None = None, connect_timeout_s: float = 15.0) -> None:
+        """`interceptor` None: the edge's fail-open mode, where provider hosts are tunnelled blind
+        (to their configured upstream, if any) because metering is down."""
         check_loopback(listen)
         self.interceptor = interceptor
+        self.upstreams = interceptor.upstreams if interceptor is not None else dict(upstreams or {})
+        self.connect_timeout_s = interceptor.connect_timeout_s if interceptor is not None else connect_timeout_s
+        self.shutting_down = False
         self.listen = listen
         self.port = port
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._hurry = asyncio.Event()
+        self.unmetered_connections = 0  # provider connections tunnelled blind: metering gaps
 
-    async def start(self) -> int:
-        """Bind and listen; returns the actual port (useful with port 0)."""
-        loop = asyncio.get_running_loop()
-
-        def factory() -> _ClientProtocol:
-            return _ClientProtocol(asyncio.StreamReader(limit=MAX_HEAD_BYTES), self._on_connection)
-
-        self._server = await loop.create_server(factory, self.listen, self.port, backlog=512)
-        self.port = self._server.sockets[0].getsockname()[1]
+    async def start(self, *, listen: bool = True) -> int:
+        """Bind and listen; returns the actual port (useful with port 0). `listen` False: only
+        sockets given to `adopt` are served (the daemon behind an edge)."""
+        if listen:
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(self._protocol, self.listen, self.port, backlog=512)
+            self.port = self._server.sockets[0].getsockname()[1]
         return self.port
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve a client connection accepted elsewhere (handed off by the edge, or by our own
+        accept loop), exactly as if this server had accepted it."""
+        if self.shutting_down:
+            sock.close()
+            return
+        await asyncio.get_running_loop().connect_accepted_socket(self._protocol, sock)
+
+    def _protocol(self) -> _ClientProtocol:
+        return _ClientProtocol(asyncio.StreamReader(limit=MAX_HEAD_BYTES), self._on_connection)
 
     async def close(self, grace_s: float = 2.0) -> None:
         """Stop accepting, let calls in flight finish for `grace_s` (less if `hurry` is called),
         then interrupt the rest. Idle kept-alive connections close at once."""
         if self._server is not None:
             self._server.close()
-        self.interceptor.begin_shutdown()
+        self.shutting_down = True
+        if self.interceptor is not None:
+            self.interceptor.begin_shutdown()
         await asyncio.sleep(0)  # connections accepted a moment ago start, see the flag, and end
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
@@ -104,7 +123,7 @@ class ProxyServer:
         task = asyncio.current_task()
         self._tasks.add(task)
         try:
-            if self.interceptor.shutting_down:
+            if self.shutting_down:
                 return  # accepted just before the listener closed
             await self._serve(reader, writer, protocol)
         except asyncio.CancelledError:
@@ -131,7 +150,7 @@ class ProxyServer:
         if head.method == "CONNECT":
             await self._connect(head, reader, writer, protocol)
         elif head.target.lower().startswith("http://"):
-            await _forward_plain(head, reader, writer, self.interceptor.connect_timeout_s)
+            await _forward_plain(head, reader, writer, self.connect_timeout_s)
         else:
             await reply_error(writer, 400, (
                 f"this is a proxy; {head.method} {head.target[:60]} is not a proxy request. "
@@ -144,7 +163,10 @@ class ProxyServer:
         except ValueError as exc:
             return await reply_error(writer, 400, str(exc))
         provider = host.lower().rstrip(".") if is_provider_host(host) and port == 443 else None
-        if provider is not None:
+        if provider is not None and self.interceptor is None:
+            self.unmetered_connections += 1
+            log.warning("metering_gap host=%s action=direct_tunnel reason=daemon_unavailable", provider)
+        elif provider is not None:
             try:
                 context = await self.interceptor.server_context(provider)
             except Exception as exc:  # noqa: BLE001 - fail open: the provider is still reachable blind
@@ -161,8 +183,8 @@ class ProxyServer:
                     return await self.interceptor.handle(
                         reader, writer, protocol, provider, port, context, project=proxy_user(head))
         # Unmetered; a provider still goes to the address the user configured for it (a gateway).
-        address, target_port = self.interceptor.upstreams.get(provider, (host, port)) if provider else (host, port)
-        await _blind_tunnel(address, target_port, reader, writer, self.interceptor.connect_timeout_s)
+        address, target_port = self.upstreams.get(provider, (host, port)) if provider else (host, port)
+        await _blind_tunnel(address, target_port, reader, writer, self.connect_timeout_s)
 
 def parse_authority(target: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` from a CONNECT line; ValueError with a clear message."""

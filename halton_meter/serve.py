@@ -10,12 +10,14 @@ import signal
 import sqlite3
 import ssl
 import sys
+from pathlib import Path
 from typing import Callable, TextIO
 
 from halton_meter import __version__
 from halton_meter.adapters import PRIMARY_HOSTS, PROVIDER_HOSTS
 from halton_meter.config import Settings
 from halton_meter.edge import ProxyServer
+from halton_meter.handoff import HandoffError, HandoffReceiver
 from halton_meter.intercept import Interceptor, shrink_tls_read_buffers
 from halton_meter.ledger import Ledger
 from halton_meter.pricing import PriceTable, PricingError
@@ -40,8 +42,11 @@ def prepare_ca(settings: Settings) -> CertificateAuthority:
 
 
 async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Event | None = None,
-                on_ready: Callable[[int], None] | None = None) -> int:
-    """Run until `stop` is set (or a signal); `on_ready(port)` once the listener accepts."""
+                on_ready: Callable[[int], None] | None = None, handoff: Path | None = None) -> int:
+    """Run until `stop` is set (or a signal); `on_ready(port)` once the listener accepts.
+
+    With `handoff`, this is the metering daemon behind an edge: it also adopts the client
+    sockets the edge passes over that Unix socket (handoff.py)."""
     settings.home.mkdir(parents=True, exist_ok=True)
     shrink_tls_read_buffers()
     try:
@@ -80,6 +85,16 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
             ) from exc
         raise ServeError(f"Cannot listen on {settings.listen}:{settings.port} ({exc.strerror}).") from exc
 
+    receiver = None
+    if handoff is not None:
+        receiver = HandoffReceiver(handoff, server.adopt)
+        try:
+            await receiver.start()
+        except (HandoffError, OSError) as exc:
+            await server.close(0)
+            ledger.close()
+            raise ServeError(str(exc)) from exc
+
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -99,6 +114,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     print(f"  client bundle   {settings.bundle_path}", file=out)
     print(f"  ledger          {settings.db_path}", file=out)
     print(f"  prices          {prices.describe_source()}", file=out)
+    if receiver is not None:
+        print(f"  hand-off socket {handoff}", file=out)
     for host, (address, upstream_port) in sorted(settings.upstreams.items()):
         print(f"  upstream        {host} -> {address}:{upstream_port}", file=out)
     print("  use it:", file=out)
@@ -113,6 +130,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
         await stop.wait()
     finally:
         try:
+            if receiver is not None:
+                receiver.close()
             await server.close(settings.shutdown_grace_s)
             ledger.audit("proxy_stopping", rows_lost_so_far=ledger.rows_lost)
             await asyncio.to_thread(ledger.close)
