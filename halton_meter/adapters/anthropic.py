@@ -60,6 +60,13 @@ def service_tier_of(usage: dict) -> str | None:
     return tier if isinstance(tier, str) else None
 
 
+def read_token_count(state: CallState, payload: object) -> None:
+    """`{"input_tokens": N}` from a token-counting endpoint: recorded as input, billed 0."""
+    if isinstance(payload, dict) and "input_tokens" in payload:
+        state.usage = Usage(input_tokens=as_int(payload["input_tokens"]), raw=payload)
+        state.usage_final = True
+
+
 def merge_delta_usage(current: dict, delta: dict) -> dict:
     """The SDK's accumulator: each non-null delta field replaces the running value."""
     merged = dict(current)
@@ -135,9 +142,7 @@ class AnthropicCountTokens(Adapter):
         state.endpoint, state.billing = "count_tokens", BILL_FREE
 
     def on_json(self, state: CallState, payload: object) -> None:
-        if isinstance(payload, dict) and "input_tokens" in payload:
-            state.usage = Usage(input_tokens=as_int(payload["input_tokens"]), raw=payload)
-            state.usage_final = True
+        read_token_count(state, payload)
 
 
 class AnthropicComplete(Adapter):

@@ -79,6 +79,11 @@ class GenerateContentAdapter(Adapter):
 
     # ---- request -------------------------------------------------------------------------
 
+    _PATH: re.Pattern[str]  # the subclass's URL shape: (…model…, method) groups
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == "POST" and self._PATH.fullmatch(path) is not None
+
     def route(self, state: CallState, path: str, payload: object) -> str | None:
         """Set endpoint, billing and model from the request; returns the Google method name."""
         raise NotImplementedError
@@ -269,8 +274,6 @@ class GeminiApi(GenerateContentAdapter):
                        r":(generateContent|streamGenerateContent|countTokens|embedContent"
                        r"|batchEmbedContents)")
 
-    def matches(self, method: str, path: str) -> bool:
-        return method == "POST" and self._PATH.fullmatch(path) is not None
 
     def route(self, state: CallState, path: str, payload: object) -> str | None:
         match = self._PATH.fullmatch(path)
@@ -295,8 +298,6 @@ class VertexGemini(GenerateContentAdapter):
                        r"publishers/google/models/([^/:]+)"
                        r":(generateContent|streamGenerateContent|countTokens)")
 
-    def matches(self, method: str, path: str) -> bool:
-        return method == "POST" and self._PATH.fullmatch(path) is not None
 
     def route(self, state: CallState, path: str, payload: object) -> str | None:
         match = self._PATH.fullmatch(path)

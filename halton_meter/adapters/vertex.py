@@ -8,8 +8,8 @@ Token counting is `models/count-tokens:rawPredict`, with the model in the body.
 
 import re
 
-from halton_meter.adapters.anthropic import AnthropicMessages
-from halton_meter.adapters.base import BILL_FREE, BILL_TOKENS, Usage, as_int
+from halton_meter.adapters.anthropic import AnthropicMessages, read_token_count
+from halton_meter.adapters.base import BILL_FREE, BILL_TOKENS
 
 # Vertex AI locations with a regional endpoint "{location}-aiplatform.googleapis.com", plus the
 # global endpoint (genai-sdk _api_client.py).
@@ -52,9 +52,7 @@ class VertexAnthropic(AnthropicMessages):
 
     def on_json(self, state, payload) -> None:
         if state.billing == BILL_FREE:
-            if isinstance(payload, dict) and "input_tokens" in payload:
-                state.usage = Usage(input_tokens=as_int(payload["input_tokens"]), raw=payload)
-                state.usage_final = True
+            read_token_count(state, payload)
             return
         super().on_json(state, payload)
 
