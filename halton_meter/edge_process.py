@@ -66,8 +66,8 @@ async def run_edge(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.E
     direct = ProxyServer(None, listen=settings.listen, port=port, upstreams=settings.upstreams,
                          connect_timeout_s=settings.connect_timeout_s)
     await direct.start(listen=False)
-    sender = HandoffSender(handoff_path(settings))
     loop = asyncio.get_running_loop()
+    sender = HandoffSender(handoff_path(settings), on_orphan=lambda sock: _serve_directly(direct, sock))
     stop = stop or asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
@@ -102,10 +102,13 @@ async def _accept_loop(listener: socket.socket, sender: HandoffSender, direct: P
             await asyncio.sleep(0.1)
             continue
         if await sender.healthy() and sender.send(client):
-            client.close()  # the daemon holds its own descriptor for this connection
-            continue
-        task = loop.create_task(direct.adopt(client))
-        task.add_done_callback(_log_failure)
+            continue  # the sender closes its descriptor once the daemon acknowledges it
+        _serve_directly(direct, client)
+
+
+def _serve_directly(direct: ProxyServer, client: socket.socket) -> None:
+    task = asyncio.get_running_loop().create_task(direct.adopt(client))
+    task.add_done_callback(_log_failure)
 
 
 def _log_failure(task: asyncio.Task) -> None:

@@ -3,7 +3,12 @@
 The edge accepts a connection and, when the daemon is healthy, passes the socket itself
 (SCM_RIGHTS) before reading a byte of it: the daemon serves it as if it had accepted it, and the
 edge is out of the byte path. The channel is one stream connection; the edge sends b"F" with
-one descriptor per connection and b"P" to ask for health, which the daemon answers b"p".
+one descriptor per connection and b"P" to ask for health. The daemon answers in order: b"p" for
+a ping, and b"a" for each descriptor as soon as it holds it, before reading a byte from it.
+
+Until a connection is acknowledged the edge keeps its own descriptor: if the channel breaks
+first (the daemon was killed, or died with descriptors still in the socket buffer), the daemon
+never touched that client, so the edge serves it itself and the client never sees a reset.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -92,23 +98,37 @@ class HandoffReceiver:
             self._drop(channel)
             return
         if flags & getattr(socket, "MSG_CTRUNC", 0):
-            log.error("handoff_truncated: descriptors lost; the edge will see those clients reset")
+            log.error("handoff_truncated: descriptors lost; the edge serves those clients itself")
         if not message and not fds:
             self._drop(channel)  # the edge went away
             return
-        for _ in range(message.count(b"P")):
+        # Answer in the order asked: b"p" per ping, b"a" per descriptor (taken before any read).
+        replies = bytearray()
+        received = iter(fds)
+        for byte in message:
+            if byte == 0x50:  # P
+                replies += b"p"
+            elif byte == 0x46:  # F
+                fd = next(received, None)
+                if fd is None:
+                    continue  # truncated: no ack, so the edge keeps and serves that client
+                replies += b"a"
+                self._adopt_fd(fd)
+        for fd in received:  # descriptors without their marker byte: adopt, never leak
+            self._adopt_fd(fd)
+        if replies:
             try:
-                channel.send(b"p")
+                channel.send(bytes(replies))
             except OSError:
                 self._drop(channel)
-                break
-        for fd in fds:
-            self.received += 1
-            sock = socket.socket(fileno=fd)
-            sock.setblocking(False)
-            task = asyncio.get_running_loop().create_task(self._adopt(sock))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+
+    def _adopt_fd(self, fd: int) -> None:
+        self.received += 1
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._adopt(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _adopt(self, sock: socket.socket) -> None:
         try:
@@ -128,14 +148,20 @@ class HandoffReceiver:
 
 
 class HandoffSender:
-    """The edge's end: a cached health verdict, and `send` that says whether the daemon took it."""
+    """The edge's end: a cached health verdict, and `send` that says whether the daemon took it.
 
-    def __init__(self, path: Path) -> None:
+    Sent sockets stay open here until the daemon acknowledges them; `on_orphan` gets back every
+    one still unacknowledged when the channel breaks, to be served without the daemon."""
+
+    def __init__(self, path: Path, on_orphan: Callable[[socket.socket], None]) -> None:
         self.path = path
+        self.on_orphan = on_orphan
         self._channel: socket.socket | None = None
         self._healthy = False
         self._checked_until = 0.0
         self._lock = asyncio.Lock()
+        self._pending: deque[socket.socket] = deque()  # sent, not yet acknowledged, in order
+        self._pings: deque[asyncio.Future] = deque()
 
     async def healthy(self) -> bool:
         """The daemon answers on the channel; cached ~1 s when healthy, 200 ms when not."""
@@ -148,26 +174,28 @@ class HandoffSender:
         return self._healthy
 
     def send(self, sock: socket.socket) -> bool:
-        """Pass `sock` to the daemon; False (and unhealthy at once) if it could not be passed."""
+        """Pass `sock` to the daemon; False (and unhealthy at once) if it could not be passed.
+        On True, this sender owns `sock` until the daemon acknowledges it."""
         if self._channel is None or not self._healthy:
             return False
         try:
             socket.send_fds(self._channel, [b"F"], [sock.fileno()])
-            return True
         except OSError as exc:  # a dead daemon (EPIPE), a full channel (EAGAIN): go direct
             log.warning("handoff_refused error=%r action=direct", exc)
-            self.invalidate()
+            self._break()
             return False
+        self._pending.append(sock)
+        return True
 
     def invalidate(self) -> None:
-        self._healthy = False
-        self._checked_until = 0.0
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        self._break()
 
     def close(self) -> None:
-        self.invalidate()
+        self._break()
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._pending)
 
     async def _check(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -182,17 +210,54 @@ class HandoffSender:
                     channel.close()
                     raise
                 self._channel = channel
-            await loop.sock_sendall(self._channel, b"P")
+                loop.add_reader(channel.fileno(), self._on_readable)
+            answer = loop.create_future()
+            self._pings.append(answer)
+            self._channel.send(b"P")
             async with asyncio.timeout(PING_TIMEOUT_S):
-                answer = await loop.sock_recv(self._channel, 1)
-            if answer != b"p":
-                raise ConnectionError("no answer")
-            return True
+                return await answer
         except (OSError, TimeoutError, ConnectionError):
-            if self._channel is not None:
-                self._channel.close()
-                self._channel = None
+            self._break()
             return False
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._channel.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._break()
+            return
+        for byte in data:
+            if byte == 0x61 and self._pending:  # a: the oldest sent socket is the daemon's now
+                self._pending.popleft().close()
+            elif byte == 0x70 and self._pings:  # p
+                ping = self._pings.popleft()
+                if not ping.done():
+                    ping.set_result(True)
+
+    def _break(self) -> None:
+        """The channel is gone: unhealthy now, and every unacknowledged client goes back."""
+        self._healthy = False
+        self._checked_until = 0.0
+        if self._channel is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self._channel.fileno())
+            except (RuntimeError, ValueError):
+                pass
+            self._channel.close()
+            self._channel = None
+        while self._pings:
+            ping = self._pings.popleft()
+            if not ping.done():
+                ping.set_result(False)
+        orphans, self._pending = self._pending, deque()
+        if orphans:
+            log.warning("handoff_broken unacknowledged=%d action=direct", len(orphans))
+        for sock in orphans:
+            self.on_orphan(sock)
 
 
 def _is_listening(path: Path) -> bool:
@@ -201,6 +266,20 @@ def _is_listening(path: Path) -> bool:
         probe.settimeout(0.5)
         probe.connect(str(path))
         return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def ping(path: Path, timeout_s: float = 0.5) -> bool:
+    """A blocking health check of the daemon's hand-off channel, for `status` and `doctor`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(timeout_s)
+        probe.connect(str(path))
+        probe.sendall(b"P")
+        return probe.recv(1) == b"p"
     except OSError:
         return False
     finally:
