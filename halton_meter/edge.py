@@ -18,10 +18,10 @@ import socket
 import weakref
 from urllib.parse import urlsplit
 
-from halton_meter.adapters import is_provider_host
+from halton_meter.adapters import is_provider_host, selftest
 from halton_meter.config import check_loopback
 from halton_meter.http1 import MAX_HEAD_BYTES, ProtocolError, RequestHead, parse_request_head
-from halton_meter.intercept import Interceptor
+from halton_meter.intercept import Interceptor, upstream_address
 from halton_meter.relay import reply_error
 from halton_meter.tunnel import close_quietly, enable_keepalive, has_buffered_bytes, splice
 
@@ -162,7 +162,7 @@ class ProxyServer:
             host, port = parse_authority(head.target)
         except ValueError as exc:
             return await reply_error(writer, 400, str(exc))
-        provider = host.lower().rstrip(".") if is_provider_host(host) and port == 443 else None
+        provider = _provider(host, port)
         if provider is not None and self.interceptor is None:
             self.unmetered_connections += 1
             log.warning("metering_gap host=%s action=direct_tunnel reason=daemon_unavailable", provider)
@@ -183,8 +183,17 @@ class ProxyServer:
                     return await self.interceptor.handle(
                         reader, writer, protocol, provider, port, context, project=proxy_user(head))
         # Unmetered; a provider still goes to the address the user configured for it (a gateway).
-        address, target_port = self.upstreams.get(provider, (host, port)) if provider else (host, port)
+        address, target_port = upstream_address(self.upstreams, provider, port) if provider else (host, port)
         await _blind_tunnel(address, target_port, reader, writer, self.connect_timeout_s)
+
+def _provider(host: str, port: int) -> str | None:
+    """The provider host a CONNECT names, or None. Providers are metered on 443 only; the
+    self-test's upstream listens on a free loopback port, named in its CONNECT line."""
+    name = host.lower().rstrip(".")
+    if is_provider_host(name) and (port == 443 or name == selftest.HOST):
+        return name
+    return None
+
 
 def parse_authority(target: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` from a CONNECT line; ValueError with a clear message."""

@@ -57,9 +57,14 @@ _RESOLVED_MODELS = {"claude-sonnet-4-5": "claude-sonnet-4-5-20250929", "claude-h
 
 
 class FakeProvider:
-    def __init__(self, ca_dir: Path, *, hosts: tuple[str, ...] = PRIMARY_HOSTS + ("us-east5-aiplatform.googleapis.com",)) -> None:
-        self.ca = CertificateAuthority(ca_dir, hosts)
-        self.ca.ensure()
+    def __init__(self, ca_dir: Path | None, *, hosts: tuple[str, ...] = PRIMARY_HOSTS + ("us-east5-aiplatform.googleapis.com",),
+                 ca: CertificateAuthority | None = None) -> None:
+        """Its own throwaway CA in `ca_dir`, or an existing `ca` (the self-test uses the proxy's
+        own, so the daemon can verify it)."""
+        if ca is None:
+            ca = CertificateAuthority(ca_dir, hosts)
+            ca.ensure()
+        self.ca = ca
         self.hosts = hosts
         self.port = 0
         self.requests_served = 0
@@ -75,9 +80,9 @@ class FakeProvider:
     async def start(self, port: int = 0) -> int:
         # Its own listener context (the CA's cached ones are shared); SNI then picks the
         # certificate of whichever provider host the client names.
+        contexts = {host: self.ca.server_context(host) for host in self.hosts}  # mints missing leaves
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(*self.ca.leaf_paths(self.hosts[0]))
-        contexts = {host: self.ca.server_context(host) for host in self.hosts}
 
         def pick(sslobj, server_name, _context):
             if server_name in contexts:
@@ -115,6 +120,8 @@ class FakeProvider:
                     return
         except (ConnectionError, ProtocolError, OSError):
             return
+        except asyncio.CancelledError:
+            return  # close(): ending normally spares asyncio's "exception in callback" noise
         finally:
             self._tasks.discard(task)
             writer.close()

@@ -12,6 +12,7 @@ import ssl
 import time
 from pathlib import Path
 
+from halton_meter.adapters import selftest
 from halton_meter.config import DEFAULT_CONNECT_TIMEOUT_S
 from halton_meter.ledger import Ledger
 from halton_meter.relay import Relay
@@ -41,10 +42,20 @@ class Interceptor:
         self.ledger = ledger
         self.upstreams = dict(upstreams or {})
         self.upstream_ssl = upstream_context(upstream_ca_files)
+        self._selftest_ssl: ssl.SSLContext | None = None
         self.connect_timeout_s = connect_timeout_s
         self.shutting_down = False
         self._relays: set[Relay] = set()
         self._server_contexts: dict[str, tuple[ssl.SSLContext, float]] = {}
+
+    def upstream_for(self, host: str, port: int) -> tuple[tuple[str, int], ssl.SSLContext]:
+        """Where `host`'s calls go and the trust that verifies the certificate found there."""
+        if host == selftest.HOST:
+            # The self-test upstream is trusted only with a certificate of our own CA.
+            if self._selftest_ssl is None:
+                self._selftest_ssl = upstream_context((self.ca.ca_cert_path,), system=False)
+            return upstream_address(self.upstreams, host, port), self._selftest_ssl
+        return upstream_address(self.upstreams, host, port), self.upstream_ssl
 
     def preload(self, hosts: tuple[str, ...]) -> None:
         """Load every provider host's leaf now, so no client's first call waits for openssl."""
@@ -99,9 +110,20 @@ def shrink_tls_read_buffers(size: int = READ_SIZE) -> None:
         protocol_class.max_size = min(protocol_class.max_size, size)
 
 
-def upstream_context(extra_ca_files: tuple[Path, ...] = ()) -> ssl.SSLContext:
-    """Full verification (chain and host name) against the system store plus any extra anchors."""
+def upstream_address(upstreams: dict[str, tuple[str, int]], host: str, port: int) -> tuple[str, int]:
+    """The address that receives `host:port`'s traffic: a configured upstream, the self-test's
+    loopback upstream, or the host itself."""
+    if host == selftest.HOST:
+        return "127.0.0.1", port
+    return upstreams.get(host, (host, port))
+
+
+def upstream_context(extra_ca_files: tuple[Path, ...] = (), *, system: bool = True) -> ssl.SSLContext:
+    """Full verification (chain and host name) against the system store (unless `system` is
+    False) plus any extra anchors."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if not system:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies chain and host name, no anchors yet
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     for path in extra_ca_files:
         context.load_verify_locations(cafile=str(path))

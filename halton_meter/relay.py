@@ -136,7 +136,7 @@ class Relay:
         self.reader: asyncio.StreamReader = reader
         self.writer: asyncio.StreamWriter = writer
         self.host = host
-        self.upstream_address = owner.upstreams.get(host, (host, port))
+        self.upstream_address, self.upstream_ssl = owner.upstream_for(host, port)
         self.project = project
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
@@ -390,7 +390,7 @@ class Relay:
             # it so that a stalled handshake also ends as a 504.
             async with asyncio.timeout(timeout_s):
                 self.up_reader, self.up_writer = await asyncio.open_connection(
-                    address, port, ssl=self.owner.upstream_ssl, server_hostname=self.host,
+                    address, port, ssl=self.upstream_ssl, server_hostname=self.host,
                     limit=MAX_HEAD_BYTES, ssl_handshake_timeout=timeout_s + 5,
                 )
         except ssl.SSLCertVerificationError as exc:

@@ -8,7 +8,7 @@ host's generic adapter (the row is written, with no usage expected).
 """
 
 from halton_meter.adapters import (anthropic, bedrock, code_assist, codex, compat, gemini, openai,
-                                   vertex)
+                                   selftest, vertex)
 from halton_meter.adapters.base import Adapter, split_target
 
 # The hosts of reference/providers.md §1-5: minted ahead of time at start.
@@ -24,6 +24,7 @@ PRIMARY_HOSTS: tuple[str, ...] = (
     "api.deepseek.com",
     "api.mistral.ai",
     "openrouter.ai",
+    selftest.HOST,  # init's and doctor's loopback self-test (adapters/selftest.py)
 )
 
 # Regional endpoints: X.509 name constraints cannot express "region-aiplatform.googleapis.com"
@@ -45,6 +46,7 @@ REGISTRY: tuple[Adapter, ...] = (
     *code_assist.ADAPTERS,
     *vertex.ADAPTERS,
     *bedrock.ADAPTERS,
+    *selftest.ADAPTERS,
 )
 
 _PROVIDER_OF_HOST: dict[str, str] = {
@@ -59,6 +61,7 @@ _PROVIDER_OF_HOST: dict[str, str] = {
     "api.deepseek.com": "deepseek",
     "api.mistral.ai": "mistral",
     "openrouter.ai": "openrouter",
+    selftest.HOST: selftest.PROVIDER,
     **{host: "vertex" for host in VERTEX_HOSTS},
     **{host: "bedrock" for host in BEDROCK_HOSTS},
 }

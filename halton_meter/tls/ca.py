@@ -129,6 +129,10 @@ class CertificateAuthority:
         der = ssl.PEM_cert_to_DER_cert(self.ca_cert_path.read_text("ascii"))
         return hashlib.sha256(der).digest().hex(":").upper()
 
+    def pending_rebuild(self) -> str | None:
+        """Why the next `ensure()` would (re)build the CA, or None when it is current."""
+        return self._rebuild_reason()
+
     def _rebuild_reason(self) -> str | None:
         if not (self.ca_key_path.is_file() and self.ca_cert_path.is_file() and self.hosts_path.is_file()):
             return "created"  # hosts.txt is written last, so its absence also marks a crashed build
