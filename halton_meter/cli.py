@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from halton_meter import __version__
-from halton_meter.config import DEFAULT_PORT, ConfigError, load_settings, parse_upstream, resolve_home
+from halton_meter.config import DEFAULT_API_PORT, DEFAULT_PORT, ConfigError, load_settings, parse_upstream, resolve_home
 
 
 def _upstream_arg(text: str) -> str:
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     reprice.add_argument("--dry-run", action="store_true", help="say what would change, change no cost")
     reprice.set_defaults(func=cmd_reprice)
 
+    _lifecycle_commands(commands)
+
     demo = commands.add_parser(
         "demo", help="see it work, offline, in seconds",
         description="Start a throwaway proxy and a loopback fake provider in a temp directory, send "
@@ -127,10 +129,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lifecycle_commands(commands) -> None:
+    init = commands.add_parser(
+        "init", help="install: CA, supervision, optional shell/app environment, trust, self-test",
+        description="Set halton-meter up on this machine, or bring an earlier setup to the mode asked for "
+                    "(safe to re-run). Creates the CA and client bundle, installs supervision (systemd "
+                    "--user, launchd, or detached processes with pid files), trusts the CA where permitted, "
+                    "and ends with a self-test through the installed proxy; a failed self-test is rolled back.")
+    init.add_argument("--home", dest="init_home", help=argparse.SUPPRESS)
+    which = init.add_mutually_exclusive_group()
+    which.add_argument("--apps", dest="mode", action="store_const", const="apps",
+                       help="also write a marked, removable block of proxy variables into your shell rc files "
+                            "(and launchctl for macOS apps)")
+    which.add_argument("--full", dest="mode", action="store_const", const="full",
+                       help="--apps plus the macOS system proxy (on Linux, says what is not supported)")
+    init.add_argument("--non-interactive", action="store_true", help="never ask; do everything permitted")
+    init.add_argument("--no-shell-rc", action="store_true", help="with --apps/--full: leave shell rc files alone")
+    init.add_argument("--port", type=int, help=f"the proxy (edge) port (default {DEFAULT_PORT}, or the next free one)")
+    init.add_argument("--api-port", type=int, help=f"the local API port (default {DEFAULT_API_PORT}, or the next free one)")
+    init.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
+                      help="how long the stack may take to come up before init rolls back (default 20)")
+    init.set_defaults(func=cmd_init, mode="run")
+
+    run = commands.add_parser(
+        "run", help="run a command with its provider calls metered (starts the proxy if needed)",
+        description="Run CMD with HTTPS_PROXY/HTTP_PROXY (naming --project), SSL_CERT_FILE, REQUESTS_CA_BUNDLE, "
+                    "CURL_CA_BUNDLE, NODE_EXTRA_CA_CERTS and NO_PROXY set; CMD replaces this process, so its "
+                    "exit code and signals are its own.")
+    run.add_argument("--home", dest="run_home", help=argparse.SUPPRESS)
+    run.add_argument("--project", help="attribute the calls to this project (letters, digits, . _ -)")
+    run.add_argument("--shell", action="store_true",
+                     help="run CMD through $SHELL -c (pipes, aliases); without CMD, start an interactive $SHELL")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] CMD [ARGS...]")
+    run.set_defaults(func=cmd_run)
+
+    for name, summary in (("start", "start the proxy (through the installed supervisor)"),
+                          ("stop", "stop metering; the edge keeps forwarding so no program breaks (--all: "
+                                   "stop the edge too)"),
+                          ("restart", "restart the metering daemon, then the edge")):
+        command = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        command.add_argument("--home", dest="ctl_home", help=argparse.SUPPRESS)
+        if name == "stop":
+            command.add_argument("--all", action="store_true",
+                                 help="also stop the edge: programs still pointed at it fail until `start`")
+        command.set_defaults(func=cmd_control, action=name)
+
+    for name, summary in (("status", "HEALTHY / INCONSISTENT / BROKEN, one row per component"),
+                          ("doctor", "every diagnostic, each failure with its fix, and an end-to-end check")):
+        command = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] +
+                                      ". Exit code 0 when HEALTHY, 1 otherwise; --json is documented in the README.")
+        command.add_argument("--home", dest="ctl_home", help=argparse.SUPPRESS)
+        command.add_argument("--json", action="store_true", help="print JSON")
+        command.set_defaults(func=cmd_status, doctor=name == "doctor")
+
+    uninstall = commands.add_parser(
+        "uninstall", help="remove trust, supervision, the shell rc block and proxy settings",
+        description="Remove the CA from trust stores first, then supervision, the shell rc block, launchctl "
+                    "variables and the system proxy. Keeps the home directory (and always the database, "
+                    "unless --include-logs).")
+    uninstall.add_argument("--home", dest="ctl_home", help=argparse.SUPPRESS)
+    uninstall.add_argument("--purge", action="store_true",
+                           help="also delete the home directory: CA, config, imported prices (not the database)")
+    uninstall.add_argument("--include-logs", action="store_true", help="also delete the database and log files")
+    uninstall.set_defaults(func=cmd_uninstall)
+
+
 def _proxy_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--home", dest="serve_home", help=argparse.SUPPRESS)
     command.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT}; 0 picks a free one)")
     command.add_argument("--listen", help="loopback address to bind (default 127.0.0.1)")
+    if command.prog.split()[-1] != "edge":
+        command.add_argument("--api-port", type=int, metavar="PORT",
+                             help=f"the local HTTP API's port (default {DEFAULT_API_PORT}; 0 picks a free one)")
     command.add_argument("--upstream", action="append", metavar="HOST=ADDR:PORT", type=_upstream_arg,
                          help="send HOST's traffic to ADDR:PORT, keeping SNI, Host and verification for HOST "
                               "(repeatable)")
@@ -150,6 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"halton-meter: {exc}", file=sys.stderr)
         return 1
+    except _lifecycle_errors() as exc:
+        print(f"halton-meter: {exc}", file=sys.stderr)
+        return 1
+
+
+def _lifecycle_errors() -> tuple[type[Exception], ...]:
+    """The errors lifecycle commands report as one line; imported only once one was raised."""
+    if "halton_meter.lifecycle.install" not in sys.modules:
+        return ()
+    from halton_meter.lifecycle.install import STEP_ERRORS
+    from halton_meter.lifecycle.state import StateError
+    from halton_meter.tls.ca import CAError
+
+    return (*STEP_ERRORS, StateError, CAError)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -165,7 +249,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     home = resolve_home(args.serve_home or args.home)
     port = args.port if args.port is not None or args.mode != "daemon" else 0
-    settings = load_settings(home, port=port, listen=args.listen,
+    settings = load_settings(home, port=port, listen=args.listen, api_port=getattr(args, "api_port", None),
                              upstreams=args.upstream, upstream_ca_files=args.upstream_ca)
     try:
         if args.mode == "edge":
@@ -282,3 +366,60 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from halton_meter.demo import run_demo
 
     return run_demo(keep=args.keep)
+
+
+def _home(args: argparse.Namespace, name: str) -> Path:
+    return resolve_home(getattr(args, name, None) or args.home)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from halton_meter.lifecycle.install import run_init
+
+    settings = load_settings(_home(args, "init_home"))
+    interactive = not args.non_interactive and sys.stdin.isatty()
+    return run_init(settings, mode=args.mode, shell_rc=not args.no_shell_rc, interactive=interactive,
+                    port=args.port, api_port=args.api_port, ready_timeout_s=args.timeout, ask=_ask)
+
+
+def _ask(question: str) -> bool:
+    try:
+        return input(f"{question} [Y/n] ").strip().lower() in ("", "y", "yes")
+    except EOFError:
+        return False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from halton_meter.lifecycle.runenv import run_command
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv and not args.shell:
+        print("halton-meter run: name a command, e.g. `halton-meter run --project my-app -- claude`",
+              file=sys.stderr)
+        return 2
+    return run_command(load_settings(_home(args, "run_home")), argv, project=args.project, shell=args.shell)
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from halton_meter.lifecycle.stack import control
+
+    return control(load_settings(_home(args, "ctl_home")), args.action, everything=getattr(args, "all", False))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from halton_meter.lifecycle.status import as_json, collect, doctor_rows, render, verdict
+
+    settings = load_settings(_home(args, "ctl_home"))
+    state, rows = doctor_rows(settings) if args.doctor else collect(settings)
+    if args.json:
+        print(json.dumps(as_json(settings, state, rows), indent=2))
+    else:
+        print(render(settings, state, rows, "doctor" if args.doctor else "status"))
+    return 0 if verdict(rows) == "HEALTHY" else 1
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    from halton_meter.lifecycle.install import run_uninstall
+
+    return run_uninstall(load_settings(_home(args, "ctl_home")), purge=args.purge, include_logs=args.include_logs)

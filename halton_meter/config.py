@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 DEFAULT_PORT = 8081
+DEFAULT_API_PORT = 8765
 DEFAULT_LISTEN = "127.0.0.1"
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
 DEFAULT_SHUTDOWN_GRACE_S = 2.0
@@ -36,6 +37,8 @@ class Settings:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     # On SIGTERM, how long calls in flight may go on before they are cut (`interrupted`).
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    # The daemon's local HTTP API (api.py), on `listen` too; 0 picks a free port.
+    api_port: int = DEFAULT_API_PORT
 
     @property
     def db_path(self) -> Path:
@@ -72,6 +75,7 @@ def load_settings(
     *,
     port: int | None = None,
     listen: str | None = None,
+    api_port: int | None = None,
     upstreams: list[str] | None = None,
     upstream_ca_files: list[str] | None = None,
 ) -> Settings:
@@ -81,6 +85,8 @@ def load_settings(
         settings = replace(settings, port=port)
     if listen is not None:
         settings = replace(settings, listen=listen)
+    if api_port is not None:
+        settings = replace(settings, api_port=api_port)
     if upstreams:
         merged = dict(settings.upstreams)
         merged.update(parse_upstream(item) for item in upstreams)
@@ -89,8 +95,9 @@ def load_settings(
         extra = tuple(Path(p).expanduser().resolve() for p in upstream_ca_files)
         settings = replace(settings, upstream_ca_files=settings.upstream_ca_files + extra)
     check_loopback(settings.listen)
-    if not 0 <= settings.port <= 65535:
-        raise ConfigError(f"Port {settings.port} is out of range. Use a port from 0 to 65535.")
+    for port_value in (settings.port, settings.api_port):
+        if not 0 <= port_value <= 65535:
+            raise ConfigError(f"Port {port_value} is out of range. Use a port from 0 to 65535.")
     for path in settings.upstream_ca_files:
         if not path.is_file():
             raise ConfigError(f"Upstream CA file {path} does not exist. Pass an existing PEM file.")
@@ -138,9 +145,10 @@ def _from_file(home: Path) -> Settings:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML ({exc}). Fix or remove the file.") from exc
-    proxy = data.get("proxy", {})
-    if not isinstance(proxy, dict):
-        raise ConfigError(f"{path}: [proxy] must be a table. See the README's configuration section.")
+    proxy, api = data.get("proxy", {}), data.get("api", {})
+    for name, table in (("proxy", proxy), ("api", api)):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table. See the README's configuration section.")
     try:
         upstreams = dict(
             parse_upstream(f"{host}={target}") for host, target in proxy.get("upstreams", {}).items()
@@ -151,10 +159,11 @@ def _from_file(home: Path) -> Settings:
             listen=str(proxy.get("listen", DEFAULT_LISTEN)),
             connect_timeout_s=float(proxy.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)),
             shutdown_grace_s=float(proxy.get("shutdown_grace_s", DEFAULT_SHUTDOWN_GRACE_S)),
+            api_port=int(api.get("port", DEFAULT_API_PORT)),
             upstreams=upstreams,
             upstream_ca_files=tuple(
                 Path(p).expanduser().resolve() for p in proxy.get("upstream_ca", [])
             ),
         )
     except (TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"{path}: invalid [proxy] value ({exc}). See the README's configuration section.") from exc
+        raise ConfigError(f"{path}: invalid [proxy] or [api] value ({exc}). See the README's configuration section.") from exc

@@ -81,7 +81,7 @@ def run_demo(out: TextIO | None = None, *, keep: bool = False) -> int:
 async def _run(home: Path, out: TextIO) -> bool:
     fake = FakeProvider(home / "fake-ca", hosts=DEMO_HOSTS)
     fake_port = await fake.start()
-    settings = load_settings(home, port=0, upstreams=[f"{host}=127.0.0.1:{fake_port}" for host in DEMO_HOSTS],
+    settings = load_settings(home, port=0, api_port=0, upstreams=[f"{host}=127.0.0.1:{fake_port}" for host in DEMO_HOSTS],
                              upstream_ca_files=[str(fake.ca_path)])
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()

@@ -10,11 +10,13 @@ import signal
 import sqlite3
 import ssl
 import sys
+import time
 from pathlib import Path
 from typing import Callable, TextIO
 
 from halton_meter import __version__
 from halton_meter.adapters import PRIMARY_HOSTS, PROVIDER_HOSTS
+from halton_meter.api import ApiServer
 from halton_meter.config import Settings
 from halton_meter.edge import ProxyServer
 from halton_meter.handoff import HandoffError, HandoffReceiver
@@ -95,6 +97,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
             ledger.close()
             raise ServeError(str(exc)) from exc
 
+    api = await _start_api(settings, _health(settings, server, ledger, port, handoff))
+
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -116,6 +120,11 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     print(f"  prices          {prices.describe_source()}", file=out)
     if receiver is not None:
         print(f"  hand-off socket {handoff}", file=out)
+    if api is not None:
+        print(f"  API             http://{host}:{api.port}/health", file=out)
+    else:
+        print(f"  API             unavailable: port {settings.api_port} is busy (metering is unaffected)",
+              file=out)
     for host, (address, upstream_port) in sorted(settings.upstreams.items()):
         print(f"  upstream        {host} -> {address}:{upstream_port}", file=out)
     print("  use it:", file=out)
@@ -132,6 +141,9 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
         try:
             if receiver is not None:
                 receiver.close()
+            if api is not None:
+                await api.close()
+                _api_port_file(settings).unlink(missing_ok=True)
             await server.close(settings.shutdown_grace_s)
             ledger.audit("proxy_stopping", rows_lost_so_far=ledger.rows_lost)
             await asyncio.to_thread(ledger.close)
@@ -142,3 +154,40 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
           + (f", {ledger.rows_lost} LOST (see log)" if ledger.rows_lost else ""), file=out)
     out.flush()
     return 1 if ledger.rows_lost else 0
+
+
+def _api_port_file(settings: Settings) -> Path:
+    return settings.run_dir / "api.port"
+
+
+async def _start_api(settings: Settings, health) -> ApiServer | None:
+    """The local HTTP API; a busy port costs the API, never metering (status shows it)."""
+    api = ApiServer({"/health": health}, listen=settings.listen, port=settings.api_port)
+    try:
+        port = await api.start()
+    except OSError as exc:
+        log.warning("api_unavailable port=%d error=%s", settings.api_port, exc.strerror or exc)
+        return None
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    _api_port_file(settings).write_text(f"{port}\n")
+    return api
+
+
+def _health(settings: Settings, server: ProxyServer, ledger: Ledger, port: int, handoff: Path | None):
+    started = time.time()
+
+    def health(_query: dict[str, list[str]]) -> tuple[int, dict]:
+        return 200, {
+            "status": "ok" if not ledger.rows_lost else "degraded",
+            "version": __version__,
+            "pid": os.getpid(),
+            "mode": "daemon" if handoff is not None else "serve",
+            "started_at": round(started, 3),
+            "uptime_s": round(time.time() - started, 3),
+            "proxy_port": port,
+            "handoff_socket": str(handoff) if handoff is not None else None,
+            "ledger": str(settings.db_path),
+            "rows_written": ledger.rows_written,
+            "rows_lost": ledger.rows_lost,
+        }
+    return health

@@ -110,7 +110,7 @@ def subprocess_env(home: Path) -> dict[str, str]:
 def start_serve(home: Path, *args: str, timeout: float = 30.0) -> Proxy:
     """Start `python -m halton_meter serve --port 0 …` and wait for its listening line."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "halton_meter", "serve", "--port", "0", *args],
+        [sys.executable, "-m", "halton_meter", "serve", "--port", "0", "--api-port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(home),
         cwd=str(REPO),
     )

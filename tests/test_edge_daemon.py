@@ -45,7 +45,7 @@ def launch(home, command, *args, ready="listening on http://127.0.0.1:"):
 @pytest.fixture
 def stack(tmp_path, fake):
     upstream = ["--upstream", f"api.anthropic.com=127.0.0.1:{fake.port}", "--upstream-ca", str(fake.ca_path)]
-    daemon = launch(tmp_path, "daemon", *upstream)
+    daemon = launch(tmp_path, "daemon", "--api-port", "0", *upstream)
     edge = launch(tmp_path, "edge", "--port", "0", *upstream)
     state = {"daemon": daemon, "edge": edge, "upstream": upstream, "home": tmp_path}
     yield state
@@ -106,7 +106,7 @@ def test_edge_hands_off_then_fails_open_then_meters_again(stack, fake):
     assert rows(home, "during") == []  # unmetered: the gap is logged, not invented
     assert wait_for(lambda: any("metering_gap" in line for line in edge_log))
 
-    stack["daemon"] = launch(home, "daemon", *stack["upstream"])
+    stack["daemon"] = launch(home, "daemon", "--api-port", "0", *stack["upstream"])
     assert wait_for(lambda: call(edge_port, context, "after")[0] == 200 and rows(home, "after") != [], timeout=15)
     assert rows(home, "after")[-1] == ("exact", 12 * 3000 + 9 * 15000)
 

@@ -38,7 +38,7 @@ def test_closed_connections_leave_no_cycles(tmp_path):
     async def scenario() -> collections.Counter:
         fake = FakeProvider(tmp_path / "fake")
         fake_port = await fake.start()
-        settings = load_settings(tmp_path / "home", port=0,
+        settings = load_settings(tmp_path / "home", port=0, api_port=0,
                                  upstreams=[f"api.anthropic.com=127.0.0.1:{fake_port}"],
                                  upstream_ca_files=[str(fake.ca_path)])
         out, stop = io.StringIO(), asyncio.Event()

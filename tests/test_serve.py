@@ -133,7 +133,7 @@ def test_invalid_config_file_is_a_clear_error(tmp_path):
 def test_home_flag_relocates_all_state(tmp_path):
     home = tmp_path / "elsewhere"
     env_home = tmp_path / "env-home"
-    process = subprocess.Popen([sys.executable, "-m", "halton_meter", "--home", str(home), "serve", "--port", "0"],
+    process = subprocess.Popen([sys.executable, "-m", "halton_meter", "--home", str(home), "serve", "--port", "0", "--api-port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env=subprocess_env(env_home))
     line = process.stdout.readline()
@@ -269,7 +269,7 @@ def _has_ipv6_loopback() -> bool:
 
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
 def test_ipv6_loopback_listen_prints_a_usable_url(tmp_path):
-    process = subprocess.Popen([sys.executable, "-m", "halton_meter", "serve", "--listen", "::1", "--port", "0"],
+    process = subprocess.Popen([sys.executable, "-m", "halton_meter", "serve", "--listen", "::1", "--port", "0", "--api-port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env=subprocess_env(tmp_path))
     line = process.stdout.readline()

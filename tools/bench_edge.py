@@ -30,7 +30,7 @@ def start(workdir: Path, stack: contextlib.ExitStack) -> tuple[bp.Route, bp.Rout
     fake_ca = banner.split("  CA: ")[1].splitlines()[0]
     home = workdir / "home"
     upstream = ["--upstream", f"{bp.PROVIDER_HOST}=127.0.0.1:{fake_port}", "--upstream-ca", fake_ca]
-    daemon_out = bp.spawn(stack, workdir, "daemon", "-m", "halton_meter", "daemon", "--home", str(home),
+    daemon_out = bp.spawn(stack, workdir, "daemon", "-m", "halton_meter", "daemon", "--home", str(home), "--api-port", "0",
                           *upstream, home=home)
     banner = bp.wait_for_line(*daemon_out, "    export NODE_EXTRA_CA_CERTS=")
     daemon_port = int(banner.split("listening on http://127.0.0.1:")[1].split()[0])

@@ -121,7 +121,7 @@ def start_services(workdir: Path, stack: contextlib.ExitStack) -> tuple[Route, R
     fake_port = int(banner.split("fake provider on 127.0.0.1:")[1].split()[0])
     fake_ca = banner.split("  CA: ")[1].splitlines()[0]
     home = workdir / "home"
-    serve_out = spawn(stack, workdir, "serve", "-m", "halton_meter", "serve", "--home", str(home),
+    serve_out = spawn(stack, workdir, "serve", "-m", "halton_meter", "serve", "--home", str(home), "--api-port", "0",
                       "--port", "0", "--upstream", f"{PROVIDER_HOST}=127.0.0.1:{fake_port}",
                       "--upstream-ca", fake_ca, home=home)
     banner = wait_for_line(*serve_out, "    export NODE_EXTRA_CA_CERTS=")

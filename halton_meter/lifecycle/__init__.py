@@ -1,0 +1,1 @@
+"""Installing and uninstalling halton-meter: shell rc blocks, CA trust, the system proxy."""
