@@ -49,7 +49,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
 
     With `handoff`, this is the metering daemon behind an edge: it also adopts the client
     sockets the edge passes over that Unix socket (handoff.py)."""
-    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     shrink_tls_read_buffers()
     try:
         ca = await asyncio.to_thread(prepare_ca, settings)

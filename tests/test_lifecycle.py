@@ -154,6 +154,7 @@ def test_init_detached_end_to_end_then_idempotent_then_uninstall_leaves_only_the
     state = machine.state()
     assert state["mode"] == "run" and state["supervisor"] == "detached"
     assert state["edge_port"] > 0 and state["api_port"] > 0
+    assert machine.home.stat().st_mode & 0o777 == 0o700, "the home (ledger, CA) is owner-only"
     # Trust: the sysroot's Debian-style anchors dir is writable, so the CA went there.
     anchor = machine.trust_root / "usr/local/share/ca-certificates/halton-meter.crt"
     assert anchor.read_bytes().strip() == (machine.home / "ca" / "ca.pem").read_bytes().strip()

@@ -67,6 +67,7 @@ def run_init(settings: Settings, *, mode: str, shell_rc: bool = True, interactiv
     kind = detect()
     print(f"halton-meter init: mode {mode}, supervisor {kind}, home {settings.home}", file=out)
 
+    _private_home(settings, report)
     ca = prepare_ca(settings)  # idempotent: made once, rebuilt only when out of date
     report.step("CA", f"{ca.ca_cert_path} (SHA-256 {ca.fingerprint_sha256[:23]}…)")
     report.step("bundle", f"{settings.bundle_path}")
@@ -93,6 +94,15 @@ def run_init(settings: Settings, *, mode: str, shell_rc: bool = True, interactiv
         return 1
     _panel(settings, wanted, ca.fingerprint_sha256, out)
     return 0
+
+
+def _private_home(settings: Settings, report: Report) -> None:
+    """The home holds the ledger (prompts' metadata, later bodies) and the CA: owner only."""
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = settings.home.stat().st_mode & 0o777
+    if mode & 0o077:
+        settings.home.chmod(0o700)
+        report.step("home", f"{settings.home}: mode {mode:o} -> 700 (owner only)", changed=True)
 
 
 def _ports(settings: Settings, previous: InstallState | None, port: int | None,

@@ -250,7 +250,11 @@ def _home_row(settings: Settings) -> Row:
         return Row("home", FAIL, f"{settings.home} does not exist", "halton-meter init")
     if not os.access(settings.home, os.W_OK):
         return Row("home", FAIL, f"{settings.home} is not writable", f"chmod u+w {settings.home}")
-    return Row("home", OK, str(settings.home))
+    mode = settings.home.stat().st_mode & 0o777
+    if mode & 0o077:
+        return Row("home", WARN, f"{settings.home} is mode {mode:o}: other users can read your call history",
+                   f"chmod 700 {settings.home}")
+    return Row("home", OK, f"{settings.home} (mode 700)")
 
 
 def _disk_row(settings: Settings) -> Row:
