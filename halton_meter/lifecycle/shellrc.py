@@ -92,15 +92,10 @@ def write_block(path: Path, env: dict[str, str]) -> bool:
 
 def remove_block(path: Path) -> bool:
     """Remove the block and the blank line written before it; True if there was a block."""
-    target = _target(path)
-    old = _read(path, target)
-    if old is None:
+    found = _load_block(path)
+    if found is None:
         return False
-    lines = old.splitlines(keepends=True)
-    span = _find_block(path, lines)
-    if span is None:
-        return False
-    begin, end = span
+    target, lines, (begin, end) = found
     before, after = lines[:begin], lines[end + 1:]
     if before and before[-1] == b"\n":
         before.pop()  # the separator write_block put before an appended block
@@ -119,15 +114,10 @@ def remove_block(path: Path) -> bool:
 
 def read_block(path: Path) -> dict[str, str] | None:
     """The variables the block in `path` sets, or None if the file has no block."""
-    target = _target(path)
-    data = _read(path, target)
-    if data is None:
+    found = _load_block(path)
+    if found is None:
         return None
-    lines = data.splitlines(keepends=True)
-    span = _find_block(path, lines)
-    if span is None:
-        return None
-    begin, end = span
+    _, lines, (begin, end) = found
     env = {}
     for number in range(begin + 1, end):
         text = lines[number].decode("utf-8", "surrogateescape").strip()
@@ -153,6 +143,17 @@ def _block(env: dict[str, str], fish: bool, *, created: bool) -> bytes:
         lines.append(f"set -gx {name} {_fish_quote(value)}" if fish else f"export {name}={shlex.quote(value)}")
     lines.append(END)
     return "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
+
+
+def _load_block(path: Path) -> tuple[Path, list[bytes], tuple[int, int]] | None:
+    """The file's real target, its lines and the block's (begin, end) line span, or None."""
+    target = _target(path)
+    data = _read(path, target)
+    if data is None:
+        return None
+    lines = data.splitlines(keepends=True)
+    span = _find_block(path, lines)
+    return None if span is None else (target, lines, span)
 
 
 def _find_block(path: Path, lines: list[bytes]) -> tuple[int, int] | None:
