@@ -4,7 +4,8 @@ The edge accepts a connection and, when the daemon is healthy, passes the socket
 (SCM_RIGHTS) before reading a byte of it: the daemon serves it as if it had accepted it, and the
 edge is out of the byte path. The channel is one stream connection; the edge sends b"F" with
 one descriptor per connection and b"P" to ask for health. The daemon answers in order: b"p" for
-a ping, and b"a" for each descriptor as soon as it holds it, before reading a byte from it.
+a ping, and b"a" for each descriptor as soon as it holds it, before reading a byte from it (b"n"
+if the descriptor was lost in transit).
 
 Until a connection is acknowledged the edge keeps its own descriptor: if the channel breaks
 first (the daemon was killed, or died with descriptors still in the socket buffer), the daemon
@@ -111,14 +112,17 @@ class HandoffReceiver:
             elif byte == 0x46:  # F
                 fd = next(received, None)
                 if fd is None:
-                    continue  # truncated: no ack, so the edge keeps and serves that client
+                    replies += b"n"  # its descriptor was lost (MSG_CTRUNC): the edge serves that client
+                    continue
                 replies += b"a"
                 self._adopt_fd(fd)
-        for fd in received:  # descriptors without their marker byte: adopt, never leak
-            self._adopt_fd(fd)
+        for fd in received:  # descriptors without a marker byte: never ours to serve, never leaked
+            os.close(fd)
         if replies:
-            try:
-                channel.send(bytes(replies))
+            try:  # a few bytes the edge is always reading; blocking briefly beats losing an answer
+                channel.settimeout(1.0)
+                channel.sendall(bytes(replies))
+                channel.setblocking(False)
             except OSError:
                 self._drop(channel)
 
@@ -147,21 +151,32 @@ class HandoffReceiver:
             channel.close()
 
 
+class _Channel:
+    """One connection to the daemon, with what was sent on it and not yet answered."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: deque[socket.socket] = deque()  # sent client sockets awaiting b"a"/b"n", in order
+        self.pings: deque[asyncio.Future] = deque()
+
+
 class HandoffSender:
     """The edge's end: a cached health verdict, and `send` that says whether the daemon took it.
 
-    Sent sockets stay open here until the daemon acknowledges them; `on_orphan` gets back every
-    one still unacknowledged when the channel breaks, to be served without the daemon."""
+    Sent sockets stay open here until the daemon answers for them: b"a" (it holds the socket; ours
+    is closed) or b"n" (it could not take it; `on_orphan` serves it). When the daemon's side of a
+    channel ends, every socket still unanswered goes to `on_orphan`: the daemon never read it.
+    When the edge gives up on a slow daemon, it only stops sending: the daemon may still adopt
+    what it already has queued, so those sockets wait for their answers on the retiring channel."""
 
     def __init__(self, path: Path, on_orphan: Callable[[socket.socket], None]) -> None:
         self.path = path
         self.on_orphan = on_orphan
-        self._channel: socket.socket | None = None
+        self._current: _Channel | None = None
+        self._retiring: set[_Channel] = set()
         self._healthy = False
         self._checked_until = 0.0
         self._lock = asyncio.Lock()
-        self._pending: deque[socket.socket] = deque()  # sent, not yet acknowledged, in order
-        self._pings: deque[asyncio.Future] = deque()
 
     async def healthy(self) -> bool:
         """The daemon answers on the channel; cached ~1 s when healthy, 200 ms when not."""
@@ -175,89 +190,126 @@ class HandoffSender:
 
     def send(self, sock: socket.socket) -> bool:
         """Pass `sock` to the daemon; False (and unhealthy at once) if it could not be passed.
-        On True, this sender owns `sock` until the daemon acknowledges it."""
-        if self._channel is None or not self._healthy:
+        On True, this sender owns `sock` until the daemon answers for it."""
+        channel = self._current
+        if channel is None or not self._healthy:
             return False
         try:
-            socket.send_fds(self._channel, [b"F"], [sock.fileno()])
+            socket.send_fds(channel.sock, [b"F"], [sock.fileno()])
         except OSError as exc:  # a dead daemon (EPIPE), a full channel (EAGAIN): go direct
             log.warning("handoff_refused error=%r action=direct", exc)
-            self._break()
+            self._retire(channel)
             return False
-        self._pending.append(sock)
+        channel.pending.append(sock)
         return True
 
     def invalidate(self) -> None:
-        self._break()
+        if self._current is not None:
+            self._retire(self._current)
 
     def close(self) -> None:
-        self._break()
+        """Edge shutdown: the daemon adopts whatever it has queued; our copies just close."""
+        for channel in [self._current, *self._retiring]:
+            if channel is not None:
+                self._end(channel, orphans=False)
 
     @property
     def unacknowledged(self) -> int:
-        return len(self._pending)
+        channels = [self._current, *self._retiring]
+        return sum(len(channel.pending) for channel in channels if channel is not None)
 
     async def _check(self) -> bool:
         loop = asyncio.get_running_loop()
+        channel = self._current
         try:
-            if self._channel is None:
-                channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                channel.setblocking(False)
+            if channel is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
                 try:
                     async with asyncio.timeout(PING_TIMEOUT_S):
-                        await loop.sock_connect(channel, str(self.path))
+                        await loop.sock_connect(sock, str(self.path))
                 except BaseException:
-                    channel.close()
+                    sock.close()
                     raise
-                self._channel = channel
-                loop.add_reader(channel.fileno(), self._on_readable)
+                channel = self._current = _Channel(sock)
+                loop.add_reader(sock.fileno(), self._on_readable, channel)
             answer = loop.create_future()
-            self._pings.append(answer)
-            self._channel.send(b"P")
+            channel.pings.append(answer)
+            channel.sock.send(b"P")
             async with asyncio.timeout(PING_TIMEOUT_S):
                 return await answer
         except (OSError, TimeoutError, ConnectionError):
-            self._break()
+            if channel is not None:
+                self._retire(channel)
             return False
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, channel: _Channel) -> None:
         try:
-            data = self._channel.recv(4096)
+            data = channel.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if not data:
-            self._break()
+            self._end(channel, orphans=True)  # the daemon's side is gone: it read nothing more
             return
         for byte in data:
-            if byte == 0x61 and self._pending:  # a: the oldest sent socket is the daemon's now
-                self._pending.popleft().close()
-            elif byte == 0x70 and self._pings:  # p
-                ping = self._pings.popleft()
+            if byte in (0x61, 0x6E) and channel.pending:  # a: the daemon holds it; n: it could not
+                sock = channel.pending.popleft()
+                if byte == 0x61:
+                    sock.close()
+                else:
+                    self.on_orphan(sock)
+            elif byte == 0x70 and channel.pings:  # p
+                ping = channel.pings.popleft()
                 if not ping.done():
                     ping.set_result(True)
+        if channel is not self._current and not channel.pending:
+            self._end(channel, orphans=True)  # retired and fully answered
 
-    def _break(self) -> None:
-        """The channel is gone: unhealthy now, and every unacknowledged client goes back."""
+    def _retire(self, channel: _Channel) -> None:
+        """Stop using `channel` (unhealthy now) but keep reading its answers until the daemon
+        closes it: sockets it already queued may still be adopted, and must not be served twice."""
         self._healthy = False
         self._checked_until = 0.0
-        if self._channel is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(self._channel.fileno())
-            except (RuntimeError, ValueError):
-                pass
-            self._channel.close()
-            self._channel = None
-        while self._pings:
-            ping = self._pings.popleft()
+        if channel is self._current:
+            self._current = None
+        for ping in channel.pings:
             if not ping.done():
                 ping.set_result(False)
-        orphans, self._pending = self._pending, deque()
-        if orphans:
-            log.warning("handoff_broken unacknowledged=%d action=direct", len(orphans))
-        for sock in orphans:
-            self.on_orphan(sock)
+        channel.pings.clear()
+        if not channel.pending:
+            self._end(channel, orphans=False)
+            return
+        self._retiring.add(channel)
+        try:
+            channel.sock.shutdown(socket.SHUT_WR)  # the daemon reads the queue, then EOF, then closes
+        except OSError:
+            pass
+
+    def _end(self, channel: _Channel, *, orphans: bool) -> None:
+        if channel is self._current:
+            self._current = None
+            self._healthy = False
+            self._checked_until = 0.0
+        self._retiring.discard(channel)
+        try:
+            asyncio.get_running_loop().remove_reader(channel.sock.fileno())
+        except (RuntimeError, ValueError):
+            pass
+        channel.sock.close()
+        for ping in channel.pings:
+            if not ping.done():
+                ping.set_result(False)
+        channel.pings.clear()
+        pending, channel.pending = channel.pending, deque()
+        if orphans and pending:
+            log.warning("handoff_broken unacknowledged=%d action=direct", len(pending))
+        for sock in pending:
+            if orphans:
+                self.on_orphan(sock)
+            else:
+                sock.close()
 
 
 def _is_listening(path: Path) -> bool:

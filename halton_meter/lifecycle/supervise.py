@@ -546,7 +546,7 @@ class DetachedSupervisor(Supervisor):
         requested = time.time()
         keeper = self._spawn_keeper()
         pids = self._await_services(keeper, {}, requested)
-        return ([f"started keeper (pid {keeper.pid}), logs in {_display(self.settings.log_dir)}"]
+        return ([f"started keeper (pid {self._keeper_pid()}), logs in {_display(self.settings.log_dir)}"]
                 + [f"started {service} (pid {pids[service]})" for service in SERVICES])
 
     def _resume(self, keeper: int) -> list[str]:
@@ -670,7 +670,7 @@ class DetachedSupervisor(Supervisor):
         if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
         with open(_keeper_log(self.settings), "ab") as out:
-            keeper = subprocess.Popen(keeper_command(self.settings), stdin=subprocess.DEVNULL, stdout=out,
+            keeper = subprocess.Popen(keeper_command(self.settings) + ["--detach"], stdin=subprocess.DEVNULL, stdout=out,
                                       stderr=subprocess.STDOUT, cwd="/", env=env, start_new_session=True)
         _spawned[keeper.pid] = keeper
         return keeper
@@ -687,7 +687,7 @@ class DetachedSupervisor(Supervisor):
                 if all(pids[s] is not None and pids[s] != before.get(s) for s in SERVICES):
                     return pids
                 self._raise_start_failure(requested)
-            elif keeper is not None and keeper.poll() is not None:
+            elif keeper is not None and keeper.poll() not in (None, 0):  # 0: it forked (--detach)
                 raise SupervisorError(
                     f"The keeper exited at once (status {keeper.returncode}): {_last_line(_keeper_log(self.settings))}. "
                     f"Fix what {logfile} says, then run `halton-meter start`.")
@@ -948,7 +948,12 @@ def main(argv: list[str] | None = None) -> int:
                     "when they exit. `halton-meter start` runs it; SIGTERM stops it, SIGHUP restarts both, "
                     "SIGUSR1 applies the services `halton-meter stop` holds stopped.")
     parser.add_argument("--home", help="state directory (default: $HALTON_METER_HOME or ~/.halton-meter)")
+    parser.add_argument("--detach", action="store_true",
+                        help="fork and let the starting process go: the keeper then belongs to no one's "
+                             "process tree (`run` execs the user's command right after starting it)")
     args = parser.parse_args(argv)
+    if args.detach and os.fork() > 0:
+        os._exit(0)  # the parent, reaped by whoever started it; the child carries on as the keeper
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return Keeper(Settings(home=resolve_home(args.home))).run()
