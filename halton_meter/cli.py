@@ -189,8 +189,10 @@ def _lifecycle_commands(commands) -> None:
                     "unless --include-logs).")
     uninstall.add_argument("--home", dest="ctl_home", help=argparse.SUPPRESS)
     uninstall.add_argument("--purge", action="store_true",
-                           help="also delete the home directory: CA, config, imported prices (not the database)")
-    uninstall.add_argument("--include-logs", action="store_true", help="also delete the database and log files")
+                           help="also delete the home directory: CA, config, imported prices, service logs "
+                                "(not the database)")
+    uninstall.add_argument("--include-logs", action="store_true",
+                           help="also delete the database, the log of every call (implies --purge)")
     uninstall.set_defaults(func=cmd_uninstall)
 
 
@@ -227,8 +229,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _lifecycle_errors() -> tuple[type[Exception], ...]:
     """The errors lifecycle commands report as one line; imported only once one was raised."""
-    if "halton_meter.lifecycle.install" not in sys.modules:
-        return ()
     from halton_meter.lifecycle.install import STEP_ERRORS
     from halton_meter.lifecycle.state import StateError
     from halton_meter.tls.ca import CAError
@@ -396,7 +396,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("halton-meter run: name a command, e.g. `halton-meter run --project my-app -- claude`",
               file=sys.stderr)
         return 2
-    return run_command(load_settings(_home(args, "run_home")), argv, project=args.project, shell=args.shell)
+    home = _home(args, "run_home")
+    try:
+        settings = load_settings(home)
+    except ConfigError as exc:  # never block the user's command: run it, unmetered, and say why
+        print(f"halton-meter: {exc}", file=sys.stderr)
+        settings = None
+    return run_command(settings, argv, project=args.project, shell=args.shell)
 
 
 def cmd_control(args: argparse.Namespace) -> int:
@@ -410,8 +416,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from halton_meter.lifecycle.status import as_json, collect, doctor_rows, render, verdict
 
-    settings = load_settings(_home(args, "ctl_home"))
+    from halton_meter.config import Settings
+    from halton_meter.lifecycle.status import FAIL, Row
+
+    home = _home(args, "ctl_home")
+    try:
+        settings, broken = load_settings(home), []
+    except ConfigError as exc:  # report it as a row, and check the rest with the defaults
+        settings, broken = Settings(home=home), [Row("config", FAIL, str(exc), f"edit {home / 'config.toml'}")]
     state, rows = doctor_rows(settings) if args.doctor else collect(settings)
+    rows = broken + [row for row in rows if not (broken and row.name == "config")]
     if args.json:
         print(json.dumps(as_json(settings, state, rows), indent=2))
     else:

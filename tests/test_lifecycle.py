@@ -414,3 +414,57 @@ def test_version_and_bare_invocation(tmp_path):
     assert version.returncode == 0 and version.stdout.startswith("halton-meter ")
     bare = subprocess.run([sys.executable, "-m", "halton_meter"], capture_output=True, text=True, cwd=str(REPO))
     assert bare.returncode == 2 and "init" in bare.stdout
+
+
+# -- failures half-way, damaged state, and run never blocked -----------------------------------
+
+def test_a_step_failing_half_way_is_rolled_back_from_what_really_happened(machine):
+    (machine.fakes / "fail-update").write_text("")  # the trust step fails after the rc block was written
+    result = machine.cli("init", "--apps", "--non-interactive", "--port", "0", "--api-port", "0", check=1)
+    assert "init failed" in result.stderr and "rolling back" in result.stderr
+    assert (machine.user / ".bashrc").read_text() == "# the user's own bashrc\nalias ll='ls -l'\n"
+    assert not (machine.home / "install.json").exists()
+    assert wait_until(lambda: not any(alive(pid) for pid in machine.pids()), 10)
+
+
+def test_uninstall_that_fails_keeps_its_record_and_purges_nothing(machine):
+    machine.cli("init", "--non-interactive", "--port", "0", "--api-port", "0")
+    (machine.fakes / "fail-update").write_text("")
+    result = machine.cli("uninstall", "--purge", check=1)
+    assert "nothing was purged" in result.stderr
+    assert (machine.home / "install.json").exists() and (machine.home / "ca" / "ca.pem").exists()
+    (machine.fakes / "fail-update").unlink()
+    machine.cli("uninstall", "--purge")
+    assert not (machine.trust_root / "usr/local/share/ca-certificates/halton-meter.crt").exists()
+    assert sorted(p.name for p in machine.home.iterdir()) == ["db.sqlite"]
+
+
+def test_a_damaged_install_record_is_swept_by_uninstall_and_rewritten_by_init(machine):
+    machine.cli("init", "--apps", "--non-interactive", "--port", "0", "--api-port", "0")
+    pids = machine.pids()
+    (machine.home / "install.json").write_text('{"mode": "apps",')
+    assert machine.status()["verdict"] == "BROKEN"
+    machine.cli("uninstall")
+    assert (machine.user / ".bashrc").read_text() == "# the user's own bashrc\nalias ll='ls -l'\n"
+    assert wait_until(lambda: not any(alive(pid) for pid in pids), 10)
+    assert not (machine.trust_root / "usr/local/share/ca-certificates/halton-meter.crt").exists()
+
+    (machine.home / "install.json").write_text("not json")
+    machine.cli("init", "--non-interactive", "--port", "0", "--api-port", "0")
+    assert machine.state()["mode"] == "run"
+
+
+def test_run_still_runs_the_command_when_the_config_is_broken(machine):
+    machine.home.mkdir(parents=True)
+    (machine.home / "config.toml").write_text('[proxy]\nport = "abc')
+    result = machine.cli("run", "--", sys.executable, "-c", "import os; print(os.environ.get('HTTPS_PROXY'))")
+    assert result.stdout == "None\n" and "UNMETERED" in result.stderr
+    status = machine.status()
+    assert next(c for c in status["components"] if c["name"] == "config")["state"] == "fail"
+
+
+def test_the_keeper_is_not_a_child_of_the_command_run_execs(machine):
+    result = machine.cli("run", "--", sys.executable, "-c",
+                         "import os\ntry:\n    os.wait()\nexcept ChildProcessError:\n    print('no children')",
+                         timeout=30)
+    assert result.stdout == "no children\n"

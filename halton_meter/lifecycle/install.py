@@ -25,7 +25,7 @@ from halton_meter.lifecycle import shellrc, sysproxy, trust
 from halton_meter.lifecycle.runenv import CA_VARIABLES, PROXY_VARIABLES, metering_env, proxy_url
 from halton_meter.lifecycle.selftest import run_selftest
 from halton_meter.lifecycle.stack import (StackError, edge_listening, pick_port, wait_ready)
-from halton_meter.lifecycle.state import InstallState, load_state, remove_state, save_state
+from halton_meter.lifecycle.state import InstallState, StateError, load_state, remove_state, save_state
 from halton_meter.lifecycle.supervise import (Supervisor, SupervisorError, detect, service_commands,
                                               supervisor_for)
 
@@ -63,7 +63,12 @@ def run_init(settings: Settings, *, mode: str, shell_rc: bool = True, interactiv
     from halton_meter.serve import prepare_ca
 
     report = Report(out)
-    previous = load_state(settings)
+    try:
+        previous = load_state(settings)
+    except StateError as exc:
+        print(f"halton-meter: {exc}; reconciling from scratch (leftovers are swept)", file=sys.stderr)
+        previous = None
+        _sweep(settings, report)
     kind = detect()
     print(f"halton-meter init: mode {mode}, supervisor {kind}, home {settings.home}", file=out)
 
@@ -139,92 +144,103 @@ def apply(settings: Settings, wanted: InstallState, previous: InstallState | Non
     if not lines:
         report.step("supervisor", f"{wanted.supervisor}: installed and running (unchanged)")
 
-    env = metering_env(settings.listen, wanted.edge_port, settings.bundle_path)
-    wanted = replace(wanted, rc_files=_apply_rc(wanted, previous, env, report, shell_rc, confirm))
-    wanted = replace(wanted, launchctl_env=_apply_launchctl(wanted, previous, env, report))
-    wanted = replace(wanted, trust=_apply_trust(settings, wanted, previous, report, confirm))
-    wanted = replace(wanted, system_proxy=_apply_system_proxy(wanted, previous, report))
+    # Each step records what it changed in `wanted` as it goes, so that a failure half-way is
+    # rolled back from what really happened. The user's own NO_PROXY is kept.
+    env = metering_env(settings.listen, wanted.edge_port, settings.bundle_path, current=dict(os.environ))
+    _apply_rc(wanted, previous, env, report, shell_rc, confirm)
+    _apply_launchctl(wanted, previous, env, report)
+    _apply_trust(settings, wanted, previous, report, confirm)
+    _apply_system_proxy(wanted, previous, report)
     return wanted
 
 
 def _apply_rc(wanted: InstallState, previous: InstallState | None, env: dict[str, str], report: Report,
-              shell_rc: bool, confirm) -> list[str]:
-    files: list[str] = []
+              shell_rc: bool, confirm) -> None:
+    files = wanted.rc_files = []
     if wanted.mode in ("apps", "full") and shell_rc:
         candidates = shellrc.rc_files(Path.home(), os.environ.get("SHELL"), _xdg_config_home(),
                                       zdotdir=Path(os.environ["ZDOTDIR"]) if os.environ.get("ZDOTDIR") else None)
         for path in candidates:
             if not confirm(f"Add the metering environment to {path}?"):
                 continue
+            files.append(str(path))  # recorded first: a failed write may have half-happened
             changed = shellrc.write_block(path, env)
             report.step("shell rc", f"{'wrote' if changed else 'unchanged:'} the marked block in {path}",
                         changed=changed)
-            files.append(str(path))
     elif wanted.mode in ("apps", "full"):
         report.step("shell rc", "skipped (--no-shell-rc): set the variables yourself, or use `halton-meter run`")
     for stale in (previous.rc_files if previous else []):
         if stale not in files and shellrc.remove_block(Path(stale)):
             report.step("shell rc", f"removed the block from {stale}", changed=True)
-    return files
 
 
 def _apply_launchctl(wanted: InstallState, previous: InstallState | None, env: dict[str, str],
-                     report: Report) -> list[str]:
+                     report: Report) -> None:
     """GUI apps on macOS do not read shell rc files: `launchctl setenv` gives them the variables."""
-    names: list[str] = []
+    names = wanted.launchctl_env = []
     if wanted.mode in ("apps", "full") and macos(wanted.supervisor):
         for name in (*PROXY_VARIABLES, "NO_PROXY", *CA_VARIABLES):
-            _launchctl("setenv", name, env[name])
             names.append(name)
+            _launchctl("setenv", name, env[name])
         report.step("apps", f"launchctl setenv {len(names)} variables for apps started from now on", changed=True)
     stale = [name for name in (previous.launchctl_env if previous else []) if name not in names]
     for name in stale:
         _launchctl("unsetenv", name)
     if stale:
         report.step("apps", f"launchctl unsetenv {len(stale)} variables", changed=True)
-    return names
 
 
 def _apply_trust(settings: Settings, wanted: InstallState, previous: InstallState | None, report: Report,
-                 confirm) -> dict:
+                 confirm) -> None:
     ca_pem = settings.ca_dir / "ca.pem"
     sha1 = trust.ca_sha1(ca_pem)
-    before = previous.trust if previous else {}
-    if before.get("sha1") and before["sha1"] != sha1:  # the CA was rebuilt: drop the old one
-        _remove_trust(before, report)
+    before = dict(previous.trust) if previous else {}
     if macos(wanted.supervisor):
+        store_name = "keychain"
+    else:
+        store = trust.system_store()
+        already = before.get("store") == "system" and before.get("sha1") == sha1
+        usable = store is not None and trust.system_store_permitted(store)
+        store_name = "system" if usable and (already or confirm(
+            f"Trust the halton-meter CA in the system store ({store.anchors})?")) else "none"
+    if before.get("store") not in (None, "none") and (before.get("sha1") != sha1 or before["store"] != store_name):
+        wanted.trust = before  # still recorded if the removal fails, so uninstall can retry it
+        _remove_trust(before, report)  # a rebuilt CA, or a store this run no longer uses
+    if store_name == "keychain":
+        wanted.trust = {"store": "keychain", "sha1": sha1}
         change = trust.add_to_keychain(ca_pem)
-        report.step("trust", change.detail, changed=change.changed)
-        return {"store": "keychain", "sha1": sha1}
-    store = trust.system_store()
-    if store is not None and trust.system_store_permitted(store) \
-            and confirm(f"Trust the halton-meter CA in the system store ({store.anchors})?"):
+    elif store_name == "system":
+        wanted.trust = {"store": "system", "sha1": sha1, "anchor": str(store.anchor_path)}
         change = trust.add_to_system_store(store, ca_pem)
-        report.step("trust", change.detail, changed=change.changed)
-        return {"store": "system", "sha1": sha1, "anchor": str(store.anchor_path)}
-    why = "no system trust store found" if store is None else f"{store.anchors} is not writable by you"
-    report.step("trust", f"the system store is not used ({why}); clients trust the CA through the bundle "
-                         "variables (`halton-meter run` sets them; `halton-meter doctor` explains)")
-    return {"store": "none", "sha1": sha1}
+    else:
+        wanted.trust = {"store": "none", "sha1": sha1}
+        why = ("no system trust store found" if store is None else
+               f"{store.anchors} is not writable by you" if not usable else "you chose not to")
+        report.step("trust", f"the system store is not used ({why}); clients trust the CA through the bundle "
+                             "variables (`halton-meter run` sets them; `halton-meter doctor` explains)")
+        return
+    report.step("trust", change.detail, changed=change.changed)
 
 
-def _apply_system_proxy(wanted: InstallState, previous: InstallState | None, report: Report) -> dict | None:
-    saved = previous.system_proxy if previous else None
+def _apply_system_proxy(wanted: InstallState, previous: InstallState | None, report: Report) -> None:
+    saved = wanted.system_proxy = previous.system_proxy if previous else None
     if wanted.mode == "full" and macos(wanted.supervisor):
         if saved is not None and sysproxy.is_enabled(wanted.edge_port):
             report.step("sys proxy", f"every network service uses 127.0.0.1:{wanted.edge_port} (unchanged)")
-            return saved
+            return
         if saved is not None:  # ours, but on an old port: put the user's back before re-enabling
             sysproxy.disable(saved)
-        saved = sysproxy.enable(wanted.edge_port)
-        report.step("sys proxy", f"{len(saved)} network service(s) now use 127.0.0.1:{wanted.edge_port}", changed=True)
-        return saved
+            wanted.system_proxy = None
+        wanted.system_proxy = sysproxy.enable(wanted.edge_port)
+        report.step("sys proxy", f"{len(wanted.system_proxy)} network service(s) now use "
+                                 f"127.0.0.1:{wanted.edge_port}", changed=True)
+        return
     if wanted.mode == "full":
         report.step("sys proxy", "not supported on Linux: " + sysproxy.LINUX_UNSUPPORTED.splitlines()[0])
     if saved is not None:
         for line in sysproxy.disable(saved):
             report.step("sys proxy", line, changed=True)
-    return None
+        wanted.system_proxy = None
 
 
 def _roll_back(settings: Settings, wanted: InstallState, previous: InstallState | None, report: Report) -> None:
@@ -250,7 +266,7 @@ def teardown(settings: Settings, state: InstallState, report: Report) -> list[st
                                 for line in supervisor_for(state.supervisor, settings).uninstall()]),
         ("shell rc", lambda: [report.step("shell rc", f"removed the block from {path}", changed=True)
                               for path in state.rc_files if shellrc.remove_block(Path(path))]),
-        ("apps", lambda: _apply_launchctl(replace(state, mode="run"), state, {}, report)),
+        ("apps", lambda: _apply_launchctl(replace(state, mode="run", launchctl_env=[]), state, {}, report)),
         ("sys proxy", lambda: [report.step("sys proxy", line, changed=True)
                                for line in (sysproxy.disable(state.system_proxy) if state.system_proxy else [])]),
     )
@@ -310,39 +326,71 @@ def _panel(settings: Settings, state: InstallState, fingerprint: str, out: TextI
 
 
 def run_uninstall(settings: Settings, *, purge: bool, include_logs: bool, out: TextIO = sys.stdout) -> int:
-    """Remove the integration; with --purge also the home directory except the database (and the
-    logs, unless --include-logs removes those too)."""
+    """Remove the integration; with --purge also the home directory except the database; with
+    --include-logs (implies --purge) the database too. Nothing is purged while a step failed."""
     report = Report(out)
-    state = load_state(settings)
     print(f"halton-meter uninstall: home {settings.home}", file=out)
+    try:
+        state = load_state(settings)
+    except StateError as exc:
+        report.step("install", f"{exc}: sweeping every place halton-meter installs to")
+        state = None
     failures: list[str] = []
     if state is not None:
         failures = teardown(settings, state, report)
         if not failures:
             remove_state(settings)
     else:
-        report.step("install", "nothing installed (no install.json)")
-        _stop_stray(settings, report)
-    if purge or include_logs:
-        _purge(settings, report, keep_database=not include_logs, keep_logs=not include_logs and not purge)
-    _tell_restarts(state, out)
+        failures = _sweep(settings, report)
+        remove_state(settings)
     if failures:
-        print("halton-meter: some steps failed (above); fix them and run `halton-meter uninstall` again",
-              file=sys.stderr)
+        print("halton-meter: some steps failed (above); fix them and run `halton-meter uninstall` again "
+              "(nothing was purged, so it can)", file=sys.stderr)
         return 1
+    if purge or include_logs:
+        _purge(settings, report, keep_database=not include_logs)
+    _tell_restarts(state, out)
     print(f"Done: {report.changed} change(s).", file=out)
     return 0
 
 
-def _stop_stray(settings: Settings, report: Report) -> None:
-    """A detached stack started by `run`/`start` without init still has pid files: stop it."""
-    supervisor: Supervisor = supervisor_for("detached", settings)
-    if supervisor.is_installed():
-        for line in supervisor.uninstall():
-            report.step("supervisor", f"detached: {line}", changed=True)
+def _sweep(settings: Settings, report: Report) -> list[str]:
+    """With no (readable) install record: remove whatever halton-meter may have installed, from
+    every supervisor kind, the usual rc files and our trust anchors. Returns the failures."""
+    failures = []
+    for kind in ("detached", "systemd", "launchd"):
+        try:
+            supervisor: Supervisor = supervisor_for(kind, settings)
+            if supervisor.is_installed():
+                for line in supervisor.uninstall():
+                    report.step("supervisor", f"{kind}: {line}", changed=True)
+        except STEP_ERRORS as exc:
+            if kind == "detached":
+                failures.append(f"supervisor: {exc}")
+    rc = shellrc.rc_files(Path.home(), os.environ.get("SHELL"), _xdg_config_home())
+    for path in {*rc, Path.home() / ".bashrc", Path.home() / ".zshrc", Path.home() / ".profile"}:
+        try:
+            if shellrc.remove_block(path):
+                report.step("shell rc", f"removed the block from {path}", changed=True)
+        except shellrc.ShellRcError as exc:
+            failures.append(f"shell rc: {exc}")
+    store = trust.system_store()
+    ca_pem = settings.ca_dir / "ca.pem"
+    try:
+        if store is not None and store.anchor_path.exists():
+            change = trust.remove_from_system_store(store)
+            report.step("trust", change.detail, changed=change.changed)
+        if sys.platform == "darwin" and ca_pem.exists():
+            change = trust.remove_from_keychain(trust.ca_sha1(ca_pem))
+            report.step("trust", change.detail, changed=change.changed)
+    except (trust.TrustError, OSError) as exc:
+        failures.append(f"trust: {exc}")
+    if not report.changed:
+        report.step("install", "nothing installed")
+    return failures
 
 
-def _purge(settings: Settings, report: Report, *, keep_database: bool, keep_logs: bool) -> None:
+def _purge(settings: Settings, report: Report, *, keep_database: bool) -> None:
     database = {settings.db_path.name, settings.db_path.name + "-wal", settings.db_path.name + "-shm"}
     if not settings.home.is_dir():
         return
@@ -350,8 +398,6 @@ def _purge(settings: Settings, report: Report, *, keep_database: bool, keep_logs
         _fold_wal(settings.db_path)
     for entry in sorted(settings.home.iterdir()):
         if keep_database and entry.name in database:
-            continue
-        if keep_logs and entry == settings.log_dir:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

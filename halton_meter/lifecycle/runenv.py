@@ -64,7 +64,7 @@ def run_command(settings, argv: list[str], *, project: str | None, shell: bool) 
     import os
     import sys
 
-    from halton_meter.lifecycle.stack import StackError, daemon_healthy, edge_listening, ensure_running
+    from halton_meter.lifecycle.stack import StackError, daemon_healthy, ensure_running
     from halton_meter.lifecycle.state import StateError
     from halton_meter.lifecycle.supervise import SupervisorError
 
@@ -75,18 +75,12 @@ def run_command(settings, argv: list[str], *, project: str | None, shell: bool) 
             print(f"halton-meter: {exc}", file=sys.stderr)
             return 2
     env = dict(os.environ)
-    try:
-        state, done = ensure_running(settings)
-    except (StackError, SupervisorError, StateError, OSError) as exc:
-        state, done = None, []
-        warning = str(exc)
-        from halton_meter.lifecycle.state import load_state
+    state, done, warning = None, [], "halton-meter's config.toml is invalid"
+    if settings is not None:
         try:
-            state = load_state(settings)
-        except StateError:
-            state = None
-        if state is not None and not edge_listening(settings.listen, state.edge_port):
-            state = None
+            state, done = ensure_running(settings, wait_for_daemon=False)
+        except (StackError, SupervisorError, StateError, OSError) as exc:
+            warning = str(exc)
     for line in done:
         print(f"halton-meter: {line}", file=sys.stderr)
     if state is None:

@@ -68,13 +68,13 @@ def supervisor_of(settings: Settings, state: InstallState | None) -> Supervisor:
 
 
 def wait_ready(settings: Settings, state: InstallState, supervisor: Supervisor,
-               timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Until the edge accepts and the daemon answers on its hand-off channel."""
+               timeout_s: float = READY_TIMEOUT_S, *, daemon_too: bool = True) -> None:
+    """Until the edge accepts and (with `daemon_too`) the daemon answers on its hand-off channel."""
     deadline = time.monotonic() + timeout_s
     waited = False
     while True:
         edge = edge_listening(settings.listen, state.edge_port)
-        daemon = daemon_healthy(settings)
+        daemon = daemon_healthy(settings) or not daemon_too
         if edge and daemon:
             if waited:  # the edge may still hold its "daemon down" verdict from a moment ago
                 time.sleep(UNHEALTHY_TTL_S + 0.05)
@@ -88,9 +88,11 @@ def wait_ready(settings: Settings, state: InstallState, supervisor: Supervisor,
         time.sleep(0.05)
 
 
-def ensure_running(settings: Settings) -> tuple[InstallState, list[str]]:
+def ensure_running(settings: Settings, *, wait_for_daemon: bool = True) -> tuple[InstallState, list[str]]:
     """Start the stack if it is not up: the installed one, or (never initialised) a detached one
-    with no system changes. Returns the state and what was done."""
+    with no system changes. Returns the state and what was done. Without `wait_for_daemon`
+    (`run`), a listening edge is enough: it forwards unmetered while the daemon comes up or
+    fails to, and the user's command does not wait on metering."""
     state = load_state(settings)
     done: list[str] = []
     if state is None:
@@ -102,10 +104,12 @@ def ensure_running(settings: Settings) -> tuple[InstallState, list[str]]:
         save_state(settings, state)
     else:
         supervisor = supervisor_of(settings, state)
-    if edge_listening(settings.listen, state.edge_port) and daemon_healthy(settings):
+    edge_up = edge_listening(settings.listen, state.edge_port)
+    if edge_up and (daemon_healthy(settings) or not wait_for_daemon):
         return state, done
     done += supervisor.start()
-    wait_ready(settings, state, supervisor)
+    # A first start waits for the daemon whatever the caller wants: it makes the CA bundle.
+    wait_ready(settings, state, supervisor, daemon_too=wait_for_daemon or not settings.bundle_path.exists())
     return state, done
 
 

@@ -672,7 +672,10 @@ class DetachedSupervisor(Supervisor):
         with open(_keeper_log(self.settings), "ab") as out:
             keeper = subprocess.Popen(keeper_command(self.settings) + ["--detach"], stdin=subprocess.DEVNULL, stdout=out,
                                       stderr=subprocess.STDOUT, cwd="/", env=env, start_new_session=True)
-        _spawned[keeper.pid] = keeper
+        try:
+            keeper.wait(READY_TIMEOUT_S)  # --detach: it forks and exits at once; reap it, leave no zombie
+        except subprocess.TimeoutExpired:
+            _spawned[keeper.pid] = keeper
         return keeper
 
     def _await_services(self, keeper: subprocess.Popen | None, before: dict[str, int | None],
