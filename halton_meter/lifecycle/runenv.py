@@ -6,7 +6,9 @@ into the shell rc block and, on macOS, `launchctl setenv` for GUI apps.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 # Provider SDKs read the upper-case names; curl reads `http_proxy` only in lower case, so both.
@@ -61,9 +63,6 @@ def run_command(settings, argv: list[str], *, project: str | None, shell: bool) 
 
     Never breaks the user's work: when the proxy cannot be brought up, the command still runs,
     unmetered, after a warning on stderr."""
-    import os
-    import sys
-
     from halton_meter.lifecycle.stack import StackError, daemon_healthy, ensure_running
     from halton_meter.lifecycle.state import StateError
     from halton_meter.lifecycle.supervise import SupervisorError

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 import time
 
 from halton_meter import __version__
@@ -115,10 +116,6 @@ def ensure_running(settings: Settings, *, wait_for_daemon: bool = True) -> tuple
 
 def control(settings: Settings, action: str, *, everything: bool = False) -> int:
     """`start`, `stop [--all]`, `restart`: through the installed supervisor; says what changed."""
-    import sys
-
-    from halton_meter.lifecycle.state import load_state
-
     state = load_state(settings)
     if action == "start":
         if state is None:

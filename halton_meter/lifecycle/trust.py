@@ -132,12 +132,7 @@ def add_to_system_store(store: SystemStore, ca_pem: Path) -> TrustChange:
     if previous == certificate:
         return TrustChange("system", False, f"{path} already holds the CA")
     _write_anchor(path, certificate)
-    try:
-        _run_update(store)
-    except TrustError:
-        # Put the anchor back as it was, so a retry sees the work as undone and runs the update again.
-        _restore(path, previous)
-        raise
+    _run_update(store, undo=previous)
     log.info("system_store_trusted path=%s", path)
     verb = "replaced the old CA in" if previous is not None else "added the CA to"
     return TrustChange("system", True, f"{verb} {path} and ran `{' '.join(store.update)}`")
@@ -154,11 +149,7 @@ def remove_from_system_store(store: SystemStore) -> TrustChange:
     except OSError as error:
         raise TrustError(f"Could not delete {path}: {error.strerror or error}. "
                          "Run the command again as root (with sudo).") from error
-    try:
-        _run_update(store)
-    except TrustError:
-        _restore(path, previous)
-        raise
+    _run_update(store, undo=previous)
     log.info("system_store_untrusted path=%s", path)
     return TrustChange("system", True, f"removed {path} and ran `{' '.join(store.update)}`")
 
@@ -203,9 +194,15 @@ def _run(command: list[str], *, fix: str, allowed: tuple[int, ...] = (0,),
     return done
 
 
-def _run_update(store: SystemStore) -> None:
-    _run(list(store.update),
-         fix=f"Fix what {store.update[0]} reports and run the command again as root (with sudo).")
+def _run_update(store: SystemStore, *, undo: bytes | None) -> None:
+    """Rebuild the system bundle; if that fails, put the anchor back as it was (`undo`: its
+    previous bytes, None for absent), so a retry sees the work as undone and runs it again."""
+    try:
+        _run(list(store.update),
+             fix=f"Fix what {store.update[0]} reports and run the command again as root (with sudo).")
+    except TrustError:
+        _restore(store.anchor_path, undo)
+        raise
 
 
 def _write_anchor(path: Path, data: bytes) -> None:
