@@ -7,9 +7,10 @@ into the shell rc block and, on macOS, `launchctl setenv` for GUI apps.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
+
+from halton_meter.attribution import ProjectNameError, check_project
 
 # Provider SDKs read the upper-case names; curl reads `http_proxy` only in lower case, so both.
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
@@ -17,20 +18,6 @@ NO_PROXY_VARIABLES = ("NO_PROXY", "no_proxy")
 # Python's ssl and httpx, requests, curl, Node (Claude Code, Codex CLI, Gemini CLI).
 CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
-
-_PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ProjectNameError(ValueError):
-    """A project name that cannot travel in a proxy URL unchanged."""
-
-
-def check_project(name: str) -> str:
-    if not _PROJECT.match(name):
-        raise ProjectNameError(
-            f"Project name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (for example my-app).")
-    return name
 
 
 def proxy_url(listen: str, port: int, project: str | None = None) -> str:
