@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     reprice.add_argument("--dry-run", action="store_true", help="say what would change, change no cost")
     reprice.set_defaults(func=cmd_reprice)
 
+    _ledger_commands(commands)
     _lifecycle_commands(commands)
 
     demo = commands.add_parser(
@@ -127,6 +128,68 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the temp directory to explore it")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _ledger_commands(commands) -> None:
+    project = commands.add_parser(
+        "project", help="list, rename, merge projects; per-project body capture",
+        description="Projects calls are attributed to (X-Halton-Project header, `run --project`, the calling "
+                    "process's HALTON_PROJECT or git repository, [[attribution.rules]], else default).")
+    project.add_argument("--home", dest="project_home", help=argparse.SUPPRESS)
+    actions = project.add_subparsers(dest="project_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every project: calls, cost, last call, body capture, sources")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_project, action="list")
+    renaming = actions.add_parser("rename", help="rename OLD to NEW; calls still arriving as OLD are recorded as NEW")
+    renaming.add_argument("old")
+    renaming.add_argument("new")
+    renaming.set_defaults(func=cmd_project, action="rename")
+    merging = actions.add_parser("merge", help="fold project A into B (B keeps its settings)")
+    merging.add_argument("source", metavar="A")
+    merging.add_argument("target", metavar="B")
+    merging.set_defaults(func=cmd_project, action="merge")
+    setting = actions.add_parser("set", help="per-project settings: body-capture on|off|default")
+    setting.add_argument("name", metavar="PROJECT")
+    setting.add_argument("setting", choices=["body-capture"])
+    setting.add_argument("value", choices=["on", "off", "default"])
+    setting.set_defaults(func=cmd_project, action="set")
+
+    bodies = commands.add_parser(
+        "bodies", help="stored request/response bodies (redacted): show, purge, stats",
+        description="Bodies are stored redacted ([bodies] in config.toml; `project set P body-capture off` "
+                    "per project), cut at max_body_bytes, and deleted after retention_days.")
+    bodies.add_argument("--home", dest="bodies_home", help=argparse.SUPPRESS)
+    actions = bodies.add_subparsers(dest="bodies_command", metavar="ACTION", required=True)
+    show = actions.add_parser("show", help="one call's headers and bodies")
+    show.add_argument("call_id", metavar="CALL_ID", help="the call id (`tail` shows it; a unique prefix works)")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=cmd_bodies, action="show")
+    purge = actions.add_parser("purge", help="delete stored bodies older than a duration")
+    purge.add_argument("--older-than", required=True, metavar="AGE", help="30m, 24h, 30d, 2w")
+    purge.add_argument("--vacuum", action="store_true", help="then compact the database file")
+    purge.set_defaults(func=cmd_bodies, action="purge")
+    stats = actions.add_parser("stats", help="stored bodies, truncations, redactions per category")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(func=cmd_bodies, action="stats")
+
+    export = commands.add_parser(
+        "export", help="every call as CSV or JSON lines, for spreadsheets and data tools",
+        description="Write recorded calls, oldest first, one per row/line (columns: halton_meter/export.py "
+                    "and the README). All calls unless --since/--until/--project narrow them.")
+    export.add_argument("--home", dest="export_home", help=argparse.SUPPRESS)
+    export.add_argument("--format", required=True, choices=["csv", "jsonl"])
+    export.add_argument("--since", metavar="WHEN", help="30m, 24h, 7d, 2w back, or a local 2026-11-01[T12:00]")
+    export.add_argument("--until", metavar="WHEN", help="end, same forms (a date alone includes that day)")
+    export.add_argument("--project", action="append", default=[], help="only this project (repeatable)")
+    export.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    export.set_defaults(func=cmd_export)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="open the local dashboard in a browser (or print its address)",
+        description="The dashboard is served by the metering daemon at http://127.0.0.1:API_PORT/.")
+    dashboard.add_argument("--home", dest="dashboard_home", help=argparse.SUPPRESS)
+    dashboard.add_argument("--print", dest="print_only", action="store_true", help="only print the address")
+    dashboard.set_defaults(func=cmd_dashboard)
 
 
 def _lifecycle_commands(commands) -> None:
@@ -277,6 +340,136 @@ def cmd_tail(args: argparse.Namespace) -> int:
     settings = load_settings(resolve_home(args.tail_home or args.home))
     return run_tail(settings.db_path, lines=args.lines, follow=args.follow, projects=args.project,
                     as_json=args.json)
+
+
+def _ledger_for(args: argparse.Namespace, home_flag: str, *, required: bool = True):
+    """(settings, connection) for a ledger command; None connection when there is no ledger yet."""
+    from halton_meter.bodies import open_for_commands
+
+    settings = load_settings(resolve_home(getattr(args, home_flag) or args.home))
+    db = open_for_commands(settings.db_path)
+    if db is None and required:
+        raise ConfigError(f"There is no ledger at {settings.db_path} yet. Send a call through the proxy first "
+                          "(`halton-meter run -- CMD`), or pass the right --home.")
+    return settings, db
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    from halton_meter import projects
+    from halton_meter.attribution import ProjectNameError
+
+    _settings, db = _ledger_for(args, "project_home", required=args.action != "list")
+    try:
+        if db is None:
+            print("No projects yet: every call is attributed to one (`default` when nothing names it).")
+            return 0
+        if args.action == "list":
+            return projects.list_projects(db, as_json=args.json, out=sys.stdout)
+        if args.action == "rename":
+            return projects.rename(db, args.old, args.new, out=sys.stdout)
+        if args.action == "merge":
+            return projects.merge(db, args.source, args.target, out=sys.stdout)
+        return projects.set_body_capture(db, args.name, args.value, out=sys.stdout)
+    except (projects.ProjectError, ProjectNameError) as exc:
+        print(f"halton-meter project: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if db is not None:
+            db.close()
+
+
+def cmd_bodies(args: argparse.Namespace) -> int:
+    import time
+
+    from halton_meter import bodies
+    from halton_meter.report import TimeError, parse_time
+
+    settings, db = _ledger_for(args, "bodies_home", required=args.action == "show")
+    if db is None:
+        if args.action == "stats":
+            db = __import__("sqlite3").connect(":memory:")
+            from halton_meter.ledger import MIGRATIONS
+            for migrate in MIGRATIONS:
+                migrate(db)
+        else:
+            print("No ledger yet: nothing to purge.")
+            return 0
+    try:
+        if args.action == "show":
+            return bodies.show(db, args.call_id, as_json=args.json, out=sys.stdout)
+        if args.action == "stats":
+            return bodies.stats(db, settings.bodies, as_json=args.json, out=sys.stdout)
+        now = time.time()
+        try:
+            cutoff = parse_time(args.older_than, now, flag="--older-than")
+        except TimeError as exc:
+            print(f"halton-meter bodies: {exc}", file=sys.stderr)
+            return 2
+        return bodies.purge(db, now - cutoff, vacuum=args.vacuum, out=sys.stdout, now=now)
+    finally:
+        db.close()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import time
+
+    from halton_meter.export import export
+    from halton_meter.report import TimeError, open_ledger, parse_time
+
+    settings = load_settings(resolve_home(args.export_home or args.home))
+    now = time.time()
+    try:
+        since = parse_time(args.since, now) if args.since else None
+        until = parse_time(args.until, now, flag="--until", end=True) if args.until else None
+    except TimeError as exc:
+        print(f"halton-meter export: {exc}", file=sys.stderr)
+        return 2
+    db = open_ledger(settings.db_path)
+    try:
+        out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
+    except OSError as exc:
+        print(f"halton-meter export: cannot write {args.output} ({exc.strerror}). Pick a writable path.",
+              file=sys.stderr)
+        return 1
+    try:
+        if db is not None:
+            db.execute("BEGIN")  # one snapshot while the proxy keeps writing
+        count = export(db, args.format, out, since=since, until=until, projects=tuple(args.project))
+        out.flush()
+    except BrokenPipeError:  # `export … | head`: the reader has what it wanted
+        sys.stdout = None
+        return 0
+    finally:
+        if db is not None:
+            db.close()
+        if args.output:
+            out.close()
+    if args.output:
+        print(f"Wrote {count:,} call(s) to {args.output}.", file=sys.stderr)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from halton_meter.lifecycle.stack import api_health
+
+    settings = load_settings(resolve_home(args.dashboard_home or args.home))
+    # The daemon writes the port it really bound (the configured one may have been busy).
+    try:
+        port = int((settings.run_dir / "api.port").read_text())
+    except (OSError, ValueError):
+        port = settings.api_port
+    if api_health(settings, port) is None:
+        print("halton-meter dashboard: the metering daemon's API is not answering. Start it with "
+              "`halton-meter start` (or `halton-meter serve`), then run this again.", file=sys.stderr)
+        return 1
+    url = f"http://127.0.0.1:{port}/"
+    print(url)
+    if not args.print_only:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            print("No browser could be opened here; open the address above.", file=sys.stderr)
+    return 0
 
 
 def _load_prices(home):

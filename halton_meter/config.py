@@ -13,15 +13,33 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from halton_meter.attribution import Rule
+    from halton_meter.otlp import OtlpSettings
+
 DEFAULT_PORT = 8081
 DEFAULT_API_PORT = 8765
 DEFAULT_LISTEN = "127.0.0.1"
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
 DEFAULT_SHUTDOWN_GRACE_S = 2.0
+DEFAULT_MAX_BODY_BYTES = 512 * 1024
+DEFAULT_RETENTION_DAYS = 90
 
 
 class ConfigError(Exception):
     """A user-facing configuration problem: says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class BodySettings:
+    """`[bodies]`: capture with redaction (bodies.py); `project set NAME body-capture on|off`
+    overrides `enabled` per project."""
+
+    enabled: bool = True
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    retention_days: int = DEFAULT_RETENTION_DAYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +57,15 @@ class Settings:
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     # The daemon's local HTTP API (api.py), on `listen` too; 0 picks a free port.
     api_port: int = DEFAULT_API_PORT
+    # Browser origins (scheme://host:port) allowed to read the API besides its own dashboard.
+    api_allowed_origins: tuple[str, ...] = ()
+    # [bodies]: request/response capture with redaction (bodies.py)
+    bodies: BodySettings = field(default_factory=BodySettings)
+    # [attribution]: find the calling process's project (attribution.py), then these rules
+    process_lookup: bool = True
+    attribution_rules: tuple[Rule, ...] = ()
+    # [export.otlp]: ship every call to an OpenTelemetry collector (otlp.py); None: off, the default
+    otlp: OtlpSettings | None = None
 
     @property
     def db_path(self) -> Path:
@@ -136,6 +163,27 @@ def check_loopback(address: str) -> None:
         )
 
 
+def _flag(table: dict, name: str, default: bool, path: Path) -> bool:
+    value = table.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: {name} must be true or false, not {value!r}.")
+    return value
+
+
+def _bodies(table: dict, path: Path) -> BodySettings:
+    unknown = set(table) - {"enabled", "max_body_bytes", "retention_days"}
+    if unknown:
+        raise ConfigError(f"{path}: [bodies] has no setting {sorted(unknown)[0]!r}; "
+                          "use enabled, max_body_bytes or retention_days.")
+    limits = {}
+    for name, default in (("max_body_bytes", DEFAULT_MAX_BODY_BYTES), ("retention_days", DEFAULT_RETENTION_DAYS)):
+        value = table.get(name, default)
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"{path}: [bodies] {name} must be a whole number of at least 1, not {value!r}.")
+        limits[name] = value
+    return BodySettings(enabled=_flag(table, "enabled", True, path), **limits)
+
+
 def _from_file(home: Path) -> Settings:
     path = home / "config.toml"
     settings = Settings(home=home)
@@ -146,9 +194,21 @@ def _from_file(home: Path) -> Settings:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML ({exc}). Fix or remove the file.") from exc
     proxy, api = data.get("proxy", {}), data.get("api", {})
-    for name, table in (("proxy", proxy), ("api", api)):
+    bodies, attribution = data.get("bodies", {}), data.get("attribution", {})
+    for name, table in (("proxy", proxy), ("api", api), ("bodies", bodies), ("attribution", attribution)):
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{name}] must be a table. See the README's configuration section.")
+    from halton_meter.attribution import parse_rules  # it raises ConfigError, defined here
+
+    settings = replace(settings, bodies=_bodies(bodies, path),
+                       process_lookup=_flag(attribution, "process_lookup", True, path),
+                       attribution_rules=parse_rules(attribution.get("rules"), where=str(path)))
+    export = data.get("export", {})
+    if not isinstance(export, dict):
+        raise ConfigError(f"{path}: [export] must be a table. See the README's configuration section.")
+    from halton_meter.otlp import parse_otlp_settings  # here: otlp imports ledger, which imports config
+
+    settings = replace(settings, otlp=parse_otlp_settings(export.get("otlp"), where=str(path)))
     try:
         upstreams = dict(
             parse_upstream(f"{host}={target}") for host, target in proxy.get("upstreams", {}).items()
@@ -160,6 +220,7 @@ def _from_file(home: Path) -> Settings:
             connect_timeout_s=float(proxy.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)),
             shutdown_grace_s=float(proxy.get("shutdown_grace_s", DEFAULT_SHUTDOWN_GRACE_S)),
             api_port=int(api.get("port", DEFAULT_API_PORT)),
+            api_allowed_origins=tuple(str(origin) for origin in api.get("allowed_origins", [])),
             upstreams=upstreams,
             upstream_ca_files=tuple(
                 Path(p).expanduser().resolve() for p in proxy.get("upstream_ca", [])

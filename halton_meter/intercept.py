@@ -9,10 +9,13 @@ import asyncio
 import asyncio.sslproto
 import logging
 import ssl
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from halton_meter.adapters import selftest
+from halton_meter.attribution import ProcessAttributor
 from halton_meter.config import DEFAULT_CONNECT_TIMEOUT_S
 from halton_meter.ledger import Ledger
 from halton_meter.relay import Relay
@@ -24,6 +27,9 @@ log = logging.getLogger(__name__)
 TLS_HANDSHAKE_TIMEOUT_S = 15.0  # a client that stalls its handshake with us
 # How long a leaf context is used before asking the CA again (which renews leaves near expiry).
 CONTEXT_RECHECK_S = 3600.0
+# Process lookups (attribution.py) waiting or running at once; past this, new connections skip
+# the lookup (their calls fall through to `default`) rather than queue behind a slow /proc.
+MAX_PENDING_LOOKUPS = 64
 
 
 class Interceptor:
@@ -37,9 +43,13 @@ class Interceptor:
         upstreams: dict[str, tuple[str, int]] | None = None,
         upstream_ca_files: tuple[Path, ...] = (),
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        attributor: ProcessAttributor | None = None,
     ) -> None:
         self.ca = ca
         self.ledger = ledger
+        self.attributor = attributor
+        self._lookups = ThreadPoolExecutor(2, thread_name_prefix="attribution") if attributor else None
+        self._lookup_slots = threading.BoundedSemaphore(MAX_PENDING_LOOKUPS)
         self.upstreams = dict(upstreams or {})
         self.upstream_ssl = upstream_context(upstream_ca_files)
         self._selftest_ssl: ssl.SSLContext | None = None
@@ -71,9 +81,33 @@ class Interceptor:
         self._server_contexts[host] = (context, time.monotonic() + CONTEXT_RECHECK_S)
         return context
 
+    def attribute(self, writer: asyncio.StreamWriter) -> Future | None:
+        """Start finding the process behind this connection, in a worker thread: once per
+        connection, never per request, and never awaited by traffic (relay.py records the
+        row when it is done)."""
+        if self._lookups is None or not self._lookup_slots.acquire(blocking=False):
+            return None
+        peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        if not isinstance(peer, tuple) or not isinstance(local, tuple):
+            self._lookup_slots.release()
+            return None
+        try:
+            future = self._lookups.submit(self.attributor.lookup, peer, local)
+        except RuntimeError:  # shutting down
+            self._lookup_slots.release()
+            return None
+        future.add_done_callback(lambda _: self._lookup_slots.release())
+        return future
+
+    def close(self) -> None:
+        """After the last relay: wait for lookups still running, so their rows are recorded."""
+        if self._lookups is not None:
+            self._lookups.shutdown(wait=True, cancel_futures=True)
+
     async def handle(self, reader, writer, protocol, host: str, port: int,
                      context: ssl.SSLContext, project: str | None = None) -> None:
         """Take over a client connection whose CONNECT was just answered with 200."""
+        attribution = self.attribute(writer) if project is None else None
         try:
             await writer.start_tls(context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
@@ -82,12 +116,16 @@ class Interceptor:
                         "point SSL_CERT_FILE / NODE_EXTRA_CA_CERTS at the halton-meter CA bundle")
             close_quietly(writer)
             return
-        relay = Relay(self, reader, writer, protocol, host, port, project)
+        relay = Relay(self, reader, writer, protocol, host, port, project, attribution)
         self._relays.add(relay)
         try:
             await relay.run()
         finally:
             self._relays.discard(relay)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._relays)
 
     def begin_shutdown(self) -> None:
         """No new calls; idle kept-alive connections close now, calls in flight may finish."""

@@ -13,14 +13,19 @@ import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
+
+from halton_meter.bodies import INSERT_BODIES, stored_values, sweep
+from halton_meter.config import BodySettings
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH_ROWS = 32
 RETRY_PAUSE_S = 0.2  # between attempts at a failed commit (a locked or briefly full disk)
+# When idle, how often the writer looks for `project` command changes (aliases, body capture).
+SETTINGS_POLL_S = 0.25
 _STOP = object()
 
 
@@ -75,9 +80,15 @@ class CallRow:
     price_model: str | None = None  # the rate-table key used
     pricing_id: int | None = None  # pricing_rates row holding the exact rates applied
     unpriced_reason: str | None = None
+    # schema 3: where `project` came from (attribution.py): header | proxy_auth | process_env |
+    # git_repo | rule_cwd | rule_process | default
+    project_source: str | None = None
+    # not a column: the call's captured bodies (bodies.BodyCapture), stored by the writer if the
+    # project's body capture is on
+    bodies: object | None = field(default=None, repr=False, compare=False)
 
 
-_COLUMNS = tuple(f.name for f in fields(CallRow))
+_COLUMNS = tuple(f.name for f in fields(CallRow) if f.name != "bodies")
 # Not dataclasses.astuple: it deep-copies every field, which was 75% of the writer's time.
 _row_values = operator.attrgetter(*_COLUMNS)
 _INSERT = f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -159,7 +170,7 @@ def _migrate_to_2(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX calls_batch_id ON calls (request_id) WHERE endpoint = 'batch_results'")
     for ddl in REPORT_INDEXES:
         db.execute(ddl)
-    _audit(db, "schema_migrated", {"to_version": 2})
+    write_audit(db, "schema_migrated", {"to_version": 2})
 
 
 _V1_PROVIDERS = (
@@ -191,13 +202,54 @@ REPORT_INDEXES = (
 )
 
 
-def _audit(db: sqlite3.Connection, kind: str, detail: dict) -> None:
+def write_audit(db: sqlite3.Connection, kind: str, detail: dict) -> None:
     db.execute("INSERT INTO audit_events (at, kind, detail) VALUES (?, ?, ?)",
                (time.time(), kind, json.dumps(detail, sort_keys=True)))
 
 
+def _migrate_to_3(db: sqlite3.Connection) -> None:
+    """Attribution source, per-project body capture, stored bodies, and the OTLP shipped marker."""
+    db.execute("ALTER TABLE calls ADD COLUMN project_source TEXT")
+    # Set once a row has been accepted by the OTLP collector (otlp.py); NULL: not shipped yet.
+    db.execute("ALTER TABLE calls ADD COLUMN exported_at REAL")
+    # NULL follows `[bodies] enabled`; 0 or 1 overrides it for the project.
+    db.execute("ALTER TABLE projects ADD COLUMN body_capture INTEGER")
+    db.execute(
+        """CREATE TABLE request_bodies (
+            call_id TEXT PRIMARY KEY,
+            captured_at REAL NOT NULL,
+            request_headers TEXT NOT NULL,
+            request_body TEXT,
+            request_bytes INTEGER NOT NULL,
+            request_truncated INTEGER NOT NULL,
+            response_headers TEXT NOT NULL,
+            response_body TEXT,
+            response_bytes INTEGER NOT NULL,
+            response_truncated INTEGER NOT NULL,
+            redactions TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX request_bodies_captured_at ON request_bodies (captured_at)")
+    # `project rename` / `merge` leave the old name here, so calls still arriving under it (a
+    # header, a repository name) are recorded under the new one.
+    db.execute(
+        """CREATE TABLE project_aliases (
+            alias TEXT PRIMARY KEY,
+            project TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE export_state (
+            name TEXT PRIMARY KEY,
+            state_json TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )"""
+    )
+    write_audit(db, "schema_migrated", {"to_version": 3})
+
+
 # Ordered: MIGRATIONS[n] takes the schema from version n to n + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -235,6 +287,13 @@ class AuditEvent:
     detail: dict
 
 
+@dataclass(slots=True)
+class BodySweep:
+    """Delete stored bodies past the retention period (queued daily by the daemon)."""
+
+    retention_days: int
+
+
 class Ledger:
     """Owns the writer thread. `record` never blocks; `close` flushes every pending row.
 
@@ -242,9 +301,14 @@ class Ledger:
     event loop never does cost arithmetic, and stores the exact rates used in `pricing_rates`.
     """
 
-    def __init__(self, path: Path, prices: object | None = None) -> None:
+    def __init__(self, path: Path, prices: object | None = None, bodies: BodySettings | None = None) -> None:
         self.path = path
         self.prices = prices
+        self.bodies = bodies or BodySettings(enabled=False)
+        # Whether any call may need its bodies: on by default, or on for some project. The relay
+        # reads it to skip capture entirely; the writer keeps it current.
+        self.captures_bodies = self.bodies.enabled
+        self.on_commit: Callable[[], None] | None = None  # called by the writer after rows commit
         self.rows_written = 0
         self.rows_lost = 0
         self._closed = False
@@ -255,6 +319,10 @@ class Ledger:
         self._pricing_ids: dict[str, int] = {}  # rates_json -> pricing_rates.id, committed ones
         self._projects: set[str] = set()  # project names known to be in `projects`
         self._batch_ids: dict[str, str] = {}  # "provider:batch id" -> usage_status counted
+        # Read from the database, refreshed whenever another connection commits (data_version).
+        self._data_version: int | None = None
+        self._aliases: dict[str, str] = {}
+        self._body_overrides: dict[str, bool] = {}
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
 
     def start(self) -> None:
@@ -274,6 +342,11 @@ class Ledger:
         """Queue an audit event (start, stop, loss…); written in order with the rows."""
         if not self._closed:
             self._queue.put(AuditEvent(kind, detail))
+
+    def sweep_bodies(self) -> None:
+        """Queue the deletion of stored bodies older than `retention_days`."""
+        if not self._closed:
+            self._queue.put(BodySweep(self.bodies.retention_days))
 
     def close(self, timeout: float = 30.0) -> None:
         """Flush every pending row; rows still unwritten after `timeout` are counted as lost."""
@@ -296,6 +369,7 @@ class Ledger:
     def _run(self) -> None:
         try:
             db = connect(self.path)
+            self._refresh_project_settings(db)
         except BaseException as exc:  # reported to start()'s caller
             self._startup_error = exc
             self._ready.set()
@@ -304,7 +378,11 @@ class Ledger:
         try:
             stopping = False
             while not stopping:
-                batch = [self._queue.get()]
+                try:
+                    batch = [self._queue.get(timeout=SETTINGS_POLL_S)]
+                except queue.Empty:
+                    self._refresh_quietly(db)
+                    continue
                 while len(batch) < MAX_BATCH_ROWS:
                     try:
                         batch.append(self._queue.get_nowait())
@@ -332,24 +410,33 @@ class Ledger:
         if not items:
             return
         rows = [item for item in items if isinstance(item, CallRow)]
+        self._refresh_quietly(db)
+        for row in rows:
+            project = row.project or "default"
+            if project in self._aliases:
+                row.project = self._aliases[project]
         rates = {id(row): self._price(row) for row in rows}
+        bodies = {id(row): self._body_values(row) for row in rows if row.bodies is not None}
         for attempt in range(3):
             try:
-                self._insert(db, items, rates)
+                self._insert(db, items, rates, bodies)
                 self.rows_written += len(rows)
+                if rows and self.on_commit is not None:
+                    self.on_commit()
                 return
             except sqlite3.OperationalError as exc:
                 log.error("ledger_write_failed rows=%d attempt=%d error=%r", len(rows), attempt + 1, exc)
                 time.sleep(RETRY_PAUSE_S * (attempt + 1))
             except Exception:  # noqa: BLE001 - a row sqlite rejects (constraint, unbindable value)
-                self._write_one_by_one(db, items, rates)
+                self._write_one_by_one(db, items, rates, bodies)
                 return
         self._lose(len(rows))
 
-    def _write_one_by_one(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None]) -> None:
+    def _write_one_by_one(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None],
+                          bodies: dict[int, tuple | None]) -> None:
         for item in items:
             try:
-                self._insert(db, [item], rates)
+                self._insert(db, [item], rates, bodies)
                 if isinstance(item, CallRow):
                     self.rows_written += 1
             except Exception as exc:  # noqa: BLE001
@@ -357,7 +444,7 @@ class Ledger:
                     log.error("ledger_row_rejected call_id=%s error=%r", item.call_id, exc)
                     self._lose(1)
                 else:
-                    log.error("ledger_audit_rejected kind=%s error=%r", item.kind, exc)
+                    log.error("ledger_item_rejected item=%s error=%r", type(item).__name__, exc)
 
     def _price(self, row: CallRow) -> str | None:
         """Fill the cost columns; returns the exact rates applied, as JSON (None: none applied)."""
@@ -373,17 +460,56 @@ class Ledger:
         row.unpriced_reason = quote.unpriced_reason
         return quote.rates_json
 
-    def _insert(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None]) -> None:
+    def _refresh_project_settings(self, db: sqlite3.Connection) -> None:
+        """Re-read aliases and body-capture overrides when another connection changed the file
+        (`project rename|merge|set`); PRAGMA data_version makes the check one cheap read."""
+        version = db.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            return
+        self._data_version = version
+        self._aliases = dict(db.execute("SELECT alias, project FROM project_aliases"))
+        self._body_overrides = {name: bool(value) for name, value in db.execute(
+            "SELECT name, body_capture FROM projects WHERE body_capture IS NOT NULL")}
+        self._projects.clear()  # a merge may have removed a project row
+        self.captures_bodies = self.bodies.enabled or any(self._body_overrides.values())
+
+    def _refresh_quietly(self, db: sqlite3.Connection) -> None:
+        try:
+            self._refresh_project_settings(db)
+        except sqlite3.Error as exc:
+            log.warning("project_settings_unreadable error=%r", exc)
+
+    def _body_values(self, row: CallRow) -> tuple | None:
+        """The redacted request_bodies row for `row`, or None when its project does not keep bodies."""
+        capture, row.bodies = row.bodies, None  # the chunks are freed once stored
+        if not self._body_overrides.get(row.project or "default", self.bodies.enabled):
+            return None
+        try:
+            return stored_values(row.call_id, row.started_at, capture, self.bodies.max_body_bytes)
+        except Exception:  # noqa: BLE001 - a redaction bug costs the body, never the row
+            log.exception("body_capture_failed call_id=%s", row.call_id)
+            return None
+
+    def _insert(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None],
+                bodies: dict[int, tuple | None]) -> None:
         new_ids: dict[str, int] = {}
         new_projects: set[str] = set()
         new_batches: dict[str, str] = {}
         values = []
+        body_values = []
         db.execute("BEGIN")
         try:
             for item in items:
                 if isinstance(item, AuditEvent):
-                    _audit(db, item.kind, item.detail)
+                    write_audit(db, item.kind, item.detail)
                     continue
+                if isinstance(item, BodySweep):
+                    deleted = sweep(db, item.retention_days, time.time())
+                    if deleted:
+                        write_audit(db, "bodies_swept", {"calls": deleted, "retention_days": item.retention_days})
+                    continue
+                if bodies.get(id(item)) is not None:
+                    body_values.append(bodies[id(item)])
                 rates_json = rates.get(id(item))
                 if self._is_duplicate_batch(db, item, new_batches):
                     rates_json = None
@@ -399,6 +525,8 @@ class Ledger:
                     new_projects.add(project)
                 values.append(_row_values(item))
             db.executemany(_INSERT, values)
+            if body_values:
+                db.executemany(INSERT_BODIES, body_values)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:

@@ -14,10 +14,13 @@ import logging
 import os
 import ssl
 import time
+from concurrent.futures import Future
 from http import HTTPStatus
 
 from halton_meter.adapters import adapter_for
 from halton_meter.adapters.base import Adapter, CallState
+from halton_meter.attribution import slugify_project
+from halton_meter.bodies import BodyCapture
 from halton_meter.clients import client_family
 from halton_meter.http1 import (
     MAX_HEAD_BYTES,
@@ -131,13 +134,16 @@ class Relay:
     """The request/response loop of one intercepted client connection."""
 
     def __init__(self, owner, reader, writer, protocol, host: str, port: int,
-                 project: str | None) -> None:
+                 project: str | None, attribution: Future | None = None) -> None:
         self.owner = owner  # the Interceptor: ledger, upstream trust and addresses, shutdown flag
         self.reader: asyncio.StreamReader = reader
         self.writer: asyncio.StreamWriter = writer
         self.host = host
         self.upstream_address, self.upstream_ssl = owner.upstream_for(host, port)
-        self.project = project
+        # Attribution (attribution.py), highest first: the request's X-Halton-Project header, the
+        # proxy credentials of `run --project` (this connection's), the calling process.
+        self.project = slugify_project(project) if project else None
+        self.attribution = attribution  # the process lookup, running in a worker thread
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
         self.idle = False  # waiting for the client's next request: shutdown may close it now
@@ -208,16 +214,24 @@ class Relay:
 
     async def _call(self, head: RequestHead, kind: BodyKind, length: int) -> bool:
         t0 = time.perf_counter()
-        project = head.headers.remove("x-halton-project")
+        named = head.headers.remove("x-halton-project")
         head.headers.remove("proxy-authorization")
         head.headers.remove("proxy-connection")
         narrow_accept_encoding(head.headers)
         call = CallRow(
             call_id=new_call_id(), started_at=time.time(), host=self.host, method=head.method,
-            path=redact_target(head.target), project=project[-1].strip() if project else self.project,
-            user_agent=head.headers.get("user-agent"), client=client_family(head.headers),
+            path=redact_target(head.target), user_agent=head.headers.get("user-agent"),
+            client=client_family(head.headers),
         )
-        tap = Tap(self._adapter(head), call.call_id, head)
+        header_project = slugify_project(named[-1]) if named else None
+        if header_project:
+            call.project, call.project_source = header_project, "header"
+        elif self.project:
+            call.project, call.project_source = self.project, "proxy_auth"
+        ledger = self.owner.ledger
+        capture = (BodyCapture(list(head.headers.fields), ledger.bodies.max_body_bytes)
+                   if ledger.captures_bodies else None)
+        tap = Tap(self._adapter(head), call.call_id, head, capture)
         self.in_call, self.response_started = True, False
         keep_alive = complete = False
         try:
@@ -247,6 +261,20 @@ class Relay:
             self._finish_row(call, tap, complete, t0)
         return keep_alive
 
+    def _record(self, call: CallRow) -> None:
+        """Hand the row to the ledger once its project is known; a process lookup still running
+        records it when it ends (the response is already with the client: nothing waits)."""
+        ledger = self.owner.ledger
+        lookup = self.attribution
+        if call.project_source is not None or lookup is None:
+            call.project_source = call.project_source or "default"
+            ledger.record(call)
+        elif lookup.done():
+            _attribute(call, lookup)
+            ledger.record(call)
+        else:
+            lookup.add_done_callback(lambda done: (_attribute(call, done), ledger.record(call)))
+
     def _adapter(self, head: RequestHead) -> Adapter:
         try:
             return adapter_for(self.host, head.method, head.target)
@@ -274,7 +302,8 @@ class Relay:
                 call.outcome = "unparsed"
         if call.outcome == "client_cancelled" and call.error is None:
             call.error = "client disconnected before the response ended"
-        self.owner.ledger.record(call)
+        call.bodies = tap.capture
+        self._record(call)
         if log.isEnabledFor(logging.DEBUG):  # one line per call, never per chunk
             log.debug("call call_id=%s host=%s method=%s path=%s status=%s outcome=%s stream=%s "
                       "ttfb_ms=%.1f duration_ms=%.1f", call.call_id, call.host, call.method, call.path,
@@ -526,6 +555,17 @@ class Relay:
                 remaining -= len(data)
                 await self._to_client(data, call)
                 tap_chunk(data)
+
+
+def _attribute(call: CallRow, lookup: Future) -> None:
+    """The process lookup's answer on the row, or `default` if it found nothing or failed."""
+    found = None
+    if not lookup.cancelled() and lookup.exception() is None:
+        found = lookup.result()
+    if found is not None:
+        call.project, call.project_source = found.project, found.source
+    else:
+        call.project_source = "default"
 
 
 def copy_state(call: CallRow, state: CallState) -> None:

@@ -11,7 +11,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from halton_meter.ledger import _COLUMNS, CallRow, _audit, _pricing_id, connect, price_row
+from halton_meter.ledger import _COLUMNS, CallRow, write_audit, _pricing_id, connect, price_row
 
 BATCH_ROWS = 5000
 
@@ -61,7 +61,7 @@ def reprice(db_path: Path, prices, *, since: float | None = None, until: float |
                 db.execute("ROLLBACK")
                 raise
         if not dry_run:
-            _audit(db, "reprice", {"since": since, "until": until, "examined": summary.examined,
+            write_audit(db, "reprice", {"since": since, "until": until, "examined": summary.examined,
                                    "changed": summary.changed, "before_nanousd": summary.before_nanousd,
                                    "after_nanousd": summary.after_nanousd})
     finally:

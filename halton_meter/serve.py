@@ -14,14 +14,17 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from halton_meter import __version__
+from halton_meter import __version__, api_views
 from halton_meter.adapters import PRIMARY_HOSTS, PROVIDER_HOSTS
 from halton_meter.api import ApiServer
+from halton_meter.attribution import ProcessAttributor
+from halton_meter.bodies import SWEEP_INTERVAL_S
 from halton_meter.config import Settings
 from halton_meter.edge import ProxyServer
 from halton_meter.handoff import HandoffError, HandoffReceiver
 from halton_meter.intercept import Interceptor, shrink_tls_read_buffers
 from halton_meter.ledger import Ledger
+from halton_meter.otlp import OtlpExporter
 from halton_meter.pricing import PriceTable, PricingError
 from halton_meter.tls.bundle import write_client_bundle
 from halton_meter.tls.ca import CertificateAuthority
@@ -60,7 +63,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
         prices = PriceTable.load(settings.home)
     except PricingError as exc:
         raise ServeError(str(exc)) from exc
-    ledger = Ledger(settings.db_path, prices=prices)
+    ledger = Ledger(settings.db_path, prices=prices, bodies=settings.bodies)
     try:
         ledger.start()
     except sqlite3.Error as exc:
@@ -69,7 +72,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     try:
         interceptor = Interceptor(ca, ledger, upstreams=settings.upstreams,
                                   upstream_ca_files=settings.upstream_ca_files,
-                                  connect_timeout_s=settings.connect_timeout_s)
+                                  connect_timeout_s=settings.connect_timeout_s,
+                                  attributor=_attributor(settings))
     except ssl.SSLError as exc:
         ledger.close()
         raise ServeError(f"An --upstream-ca file is not a valid PEM certificate ({exc.reason}). "
@@ -97,7 +101,14 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
             ledger.close()
             raise ServeError(str(exc)) from exc
 
-    api = await _start_api(settings, _health(settings, server, ledger, port, handoff))
+    exporter = None
+    if settings.otlp is not None:  # opt-in: nothing leaves the machine without [export.otlp]
+        exporter = OtlpExporter(settings.db_path, settings.otlp, version=__version__)
+        exporter.start()
+        ledger.on_commit = exporter.wake
+    health = _health(settings, server, ledger, port, handoff, exporter)
+    api = await _start_api(settings, api_views.routes(
+        settings.db_path, _gauges(server, interceptor, ledger, exporter), health))
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -118,6 +129,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     print(f"  client bundle   {settings.bundle_path}", file=out)
     print(f"  ledger          {settings.db_path}", file=out)
     print(f"  prices          {prices.describe_source()}", file=out)
+    if settings.otlp is not None:
+        print(f"  OTLP export     {settings.otlp.url}", file=out)
     if receiver is not None:
         print(f"  hand-off socket {handoff}", file=out)
     if api is not None:
@@ -135,9 +148,11 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     ledger.audit("proxy_started", version=__version__, port=port, pid=os.getpid())
     if on_ready is not None:
         on_ready(port)
+    sweeper = asyncio.create_task(_sweep_bodies_daily(ledger))
     try:
         await stop.wait()
     finally:
+        sweeper.cancel()
         try:
             if receiver is not None:
                 receiver.close()
@@ -145,8 +160,11 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
                 await api.close()
                 _api_port_file(settings).unlink(missing_ok=True)
             await server.close(settings.shutdown_grace_s)
+            await asyncio.to_thread(interceptor.close)  # lookups still running record their rows
             ledger.audit("proxy_stopping", rows_lost_so_far=ledger.rows_lost)
             await asyncio.to_thread(ledger.close)
+            if exporter is not None:  # rows it has not shipped yet go on the next start
+                await asyncio.to_thread(exporter.close)
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
@@ -156,13 +174,28 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     return 1 if ledger.rows_lost else 0
 
 
+def _attributor(settings: Settings) -> ProcessAttributor | None:
+    """Rules match the process too, so without the lookup there is nothing to attribute by."""
+    if not settings.process_lookup:
+        return None
+    return ProcessAttributor(settings.attribution_rules)
+
+
+async def _sweep_bodies_daily(ledger: Ledger) -> None:
+    """Stored bodies past `[bodies] retention_days` go: now, then once a day."""
+    while True:
+        ledger.sweep_bodies()
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
 def _api_port_file(settings: Settings) -> Path:
     return settings.run_dir / "api.port"
 
 
-async def _start_api(settings: Settings, health) -> ApiServer | None:
+async def _start_api(settings: Settings, routes: dict) -> ApiServer | None:
     """The local HTTP API; a busy port costs the API, never metering (status shows it)."""
-    api = ApiServer({"/health": health}, listen=settings.listen, port=settings.api_port)
+    api = ApiServer(routes, listen=settings.listen, port=settings.api_port,
+                    allowed_origins=settings.api_allowed_origins)
     try:
         port = await api.start()
     except OSError as exc:
@@ -173,7 +206,27 @@ async def _start_api(settings: Settings, health) -> ApiServer | None:
     return api
 
 
-def _health(settings: Settings, server: ProxyServer, ledger: Ledger, port: int, handoff: Path | None):
+def _gauges(server: ProxyServer, interceptor: Interceptor, ledger: Ledger, exporter: OtlpExporter | None):
+    started = time.time()
+
+    def gauges() -> dict[str, float]:
+        figures = {
+            "halton_meter_up": 1, "halton_meter_start_time_seconds": round(started, 3),
+            "halton_meter_open_connections": interceptor.open_connections,
+            "halton_meter_ledger_rows_written_total": ledger.rows_written,
+            "halton_meter_ledger_rows_lost_total": ledger.rows_lost,
+            "halton_meter_unmetered_connections_total": server.unmetered_connections,
+        }
+        if exporter is not None:
+            status = exporter.status()
+            figures["halton_meter_export_pending_rows"] = status["pending_rows"] or 0
+            figures["halton_meter_export_consecutive_failures"] = status["consecutive_failures"]
+        return figures
+    return gauges
+
+
+def _health(settings: Settings, server: ProxyServer, ledger: Ledger, port: int, handoff: Path | None,
+            exporter: OtlpExporter | None = None):
     started = time.time()
 
     def health(_query: dict[str, list[str]]) -> tuple[int, dict]:
@@ -189,5 +242,6 @@ def _health(settings: Settings, server: ProxyServer, ledger: Ledger, port: int, 
             "ledger": str(settings.db_path),
             "rows_written": ledger.rows_written,
             "rows_lost": ledger.rows_lost,
+            "export": exporter.status() if exporter is not None else None,
         }
     return health

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from halton_meter.adapters.base import MAX_REQUEST_COPY_BYTES, REQUEST_SCAN_BYTES, Adapter, CallState
+from halton_meter.bodies import BodyCapture
 from halton_meter.content_coding import ContentDecoder
 from halton_meter.http1 import RequestHead, ResponseHead
 
@@ -16,13 +17,15 @@ log = logging.getLogger(__name__)
 
 
 class Tap:
-    __slots__ = ("adapter", "call_id", "state", "parse_error", "_request", "_request_body",
+    __slots__ = ("adapter", "call_id", "capture", "state", "parse_error", "_request", "_request_body",
                  "_request_truncated", "_request_tail", "_request_complete", "_request_parsed",
-                 "_decoder")
+                 "_decoder", "_parsing")
 
-    def __init__(self, adapter: Adapter, call_id: str, request: RequestHead) -> None:
+    def __init__(self, adapter: Adapter, call_id: str, request: RequestHead,
+                 capture: BodyCapture | None = None) -> None:
         self.adapter = adapter
         self.call_id = call_id
+        self.capture = capture  # keeps the bodies for storage (bodies.py) when capture is on
         self.state: CallState | None = None
         self.parse_error: str | None = None
         self._request = request
@@ -32,8 +35,11 @@ class Tap:
         self._request_complete = False
         self._request_parsed = False
         self._decoder: ContentDecoder | None = None
+        self._parsing = False  # the adapter is being fed the response
 
     def request_chunk(self, data: bytes) -> None:
+        if self.capture is not None:
+            self.capture.add_request(data)
         if self._request_truncated:
             # Too large to parse whole: keep the first and the last bytes for a model scan.
             self._request_tail = (self._request_tail + data)[-REQUEST_SCAN_BYTES:]
@@ -66,43 +72,74 @@ class Tap:
 
     def response_head(self, head: ResponseHead) -> None:
         self.request_done()  # a provider may answer before the whole body was sent
-        if self.state is None:
+        if self.capture is not None:
+            self.capture.response_headers = list(head.headers.fields)
+        if self.state is None and self.capture is None:
             return
         try:
             self._decoder = ContentDecoder(head.headers.get("content-encoding"))
-            self.adapter.response(self.state, head)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
-
-    def response_chunk(self, data: bytes) -> None:
-        if self._decoder is None:
+            return
+        if self.state is None:
             return
         try:
-            if self._decoder.is_identity:
-                self.adapter.feed(self.state, data)
-            else:
-                # Bounded pieces: a small compressed read can inflate to megabytes.
-                for piece in self._decoder.feed_iter(data):
-                    self.adapter.feed(self.state, piece)
-        except Exception as exc:  # noqa: BLE001
+            self.adapter.response(self.state, head)
+            self._parsing = True
+        except Exception as exc:  # noqa: BLE001 - not parsed; still stored
+            self._note_failure(exc)
+
+    def response_chunk(self, data: bytes) -> None:
+        decoder = self._decoder
+        if decoder is None:
+            return
+        if decoder.is_identity:
+            self._take(data)
+            return
+        try:
+            # Bounded pieces: a small compressed read can inflate to megabytes.
+            for piece in decoder.feed_iter(data):
+                self._take(piece)
+        except Exception as exc:  # noqa: BLE001 - undecodable: nothing more to parse or store
             self._fail(exc)
 
     def finish(self, complete: bool) -> CallState | None:
         self.request_done()
+        if self._decoder is not None and complete:
+            try:
+                tail = self._decoder.flush()
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc)
+            else:
+                if tail:
+                    self._take(tail)
         if self.state is None or self.parse_error is not None:
             return self.state
         try:
-            if self._decoder is not None:
-                tail = self._decoder.flush() if complete else b""
-                if tail:
-                    self.adapter.feed(self.state, tail)
             return self.adapter.finish(self.state, complete)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
             return self.state
 
+    def _take(self, data: bytes) -> None:
+        """One decoded piece of the response body: kept for storage, then parsed."""
+        if self.capture is not None:
+            self.capture.add_response(data)
+        if self._parsing:
+            try:
+                self.adapter.feed(self.state, data)
+            except Exception as exc:  # noqa: BLE001 - the parser stops; storage goes on
+                self._parsing = False
+                self._note_failure(exc)
+
     def _fail(self, exc: Exception) -> None:
+        self._decoder = None  # nothing more is parsed or stored
+        self._parsing = False
+        self._note_failure(exc)
+
+    def _note_failure(self, exc: Exception) -> None:
+        if self.parse_error is not None:
+            return
         self.parse_error = f"{type(exc).__name__}: {exc}"[:500]
-        self._decoder = None
         log.warning("parse_failed call_id=%s adapter=%s error=%s", self.call_id, self.adapter.name,
                     type(exc).__name__)

@@ -161,7 +161,11 @@ def test_v1_ledger_migrates_to_the_full_schema_keeping_rows(tmp_path):
     assert db.execute("SELECT provider, usage_status, billing, input_tokens FROM calls").fetchone() == (
         "openai", "none", "none", 0)
     assert db.execute("SELECT name FROM projects").fetchall() == [("alpha",)]
-    assert db.execute("SELECT kind FROM audit_events").fetchall() == [("schema_migrated",)]
+    assert db.execute("SELECT kind, detail FROM audit_events").fetchall() == [
+        ("schema_migrated", '{"to_version": 2}'), ("schema_migrated", '{"to_version": 3}')]
+    assert db.execute("SELECT project_source, exported_at FROM calls").fetchone() == (None, None)
+    assert db.execute("SELECT body_capture FROM projects").fetchone() == (None,)
+    assert db.execute("SELECT COUNT(*) FROM request_bodies").fetchone() == (0,)
     indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"calls_report_pairs", "calls_usage_gaps", "calls_batch_id"} <= indexes
 
