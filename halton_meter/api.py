@@ -1,7 +1,8 @@
 """The daemon's local HTTP API: small JSON documents over HTTP/1.1 on a loopback address.
 
 GET and HEAD only, no request bodies, answered only to loopback Host names (a DNS-rebinding
-defence) and to browser origins on an explicit allow-list. Heads are parsed by http1 (sans-IO).
+defence) and to browser origins on an explicit allow-list. Heads are parsed by http1 (sans-IO);
+handlers run in a worker thread, so a ledger query never stalls the proxy sharing this loop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
 from typing import NamedTuple
 from urllib.parse import parse_qs
@@ -43,6 +45,15 @@ LINGER_BYTES = 256 * 1024
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # get_json refuses a larger answer
 
 Handler = Callable[[dict[str, list[str]]], tuple[int, object]]
+HANDLER_THREADS = 2  # ledger reads in parallel; more would only contend for the GIL
+
+
+class Document(NamedTuple):
+    """A handler's non-JSON answer (the dashboard page, Prometheus text), sent as it is."""
+
+    content_type: str
+    data: bytes
+    headers: tuple[tuple[str, str], ...] = ()
 
 _ALLOWED_METHODS = "GET, HEAD"
 # Replies after which the connection is closed: the request was malformed or unwelcome, or
@@ -54,8 +65,9 @@ _BASE_HEADERS = "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
 
 class _Reply(NamedTuple):
     status: int
-    payload: bytes | None  # encoded JSON; None for 204/304
+    payload: bytes | None  # encoded JSON (or a Document's bytes); None for 204/304
     headers: list[tuple[str, str]]
+    content_type: str = "application/json; charset=utf-8"
 
 
 class ApiServer:
@@ -77,6 +89,7 @@ class ApiServer:
         self._tasks: set[asyncio.Task] = set()
         self._serving = 0
         self._closing = False
+        self._executor = ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="api")
 
     async def start(self) -> int:
         """Bind and listen; returns the actual port (useful with port 0). OSError propagates."""
@@ -99,6 +112,7 @@ class ApiServer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5.0):
                     await self._server.wait_closed()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -149,7 +163,7 @@ class ApiServer:
                 await self._send(writer, _error(exc.status, f"malformed request: {exc}."),
                                  head_only=False, close=True)
                 return await _linger(reader, writer)
-            reply = self._answer(head, has_body)
+            reply = await self._answer(head, has_body)
             close = (has_body or reply.status in _CLOSING_STATUSES or self._closing
                      or head.version == "HTTP/1.0" or head.headers.has_token("connection", "close"))
             await self._send(writer, reply, head_only=head.method == "HEAD", close=close)
@@ -182,7 +196,7 @@ class ApiServer:
             raise _HeadError(408, "the request head did not arrive in time.") from None
         return first + rest
 
-    def _answer(self, head: RequestHead, has_body: bool) -> _Reply:
+    async def _answer(self, head: RequestHead, has_body: bool) -> _Reply:
         """What to reply to one request; security checks first, then method, then route."""
         if not head.target.startswith("/"):
             return _error(400, "the request target must be a path such as /health.")
@@ -224,9 +238,12 @@ class ApiServer:
         except ValueError:
             return _error(400, f"the query string has more than {MAX_QUERY_FIELDS} fields.", cors)
         try:
-            status, body = handler(params)
+            loop = asyncio.get_running_loop()
+            status, body = await loop.run_in_executor(self._executor, handler, params)
             if type(status) is not int or not 200 <= status <= 599:
                 raise TypeError("handler returned an invalid status")
+            if isinstance(body, Document):
+                return _Reply(status, body.data, cors + list(body.headers), body.content_type)
             payload = None if status in _BODILESS_STATUSES else _encode(body)
         except Exception as exc:  # noqa: BLE001 - a handler bug is a 500, not a dead server
             # The exception type only: a message could quote request contents.
@@ -326,7 +343,7 @@ def _serialize(reply: _Reply, *, head_only: bool, close: bool) -> bytes:
     lines = [f"HTTP/1.1 {reply.status} {reason}\r\nDate: {formatdate(usegmt=True)}\r\n"]
     if reply.payload is not None:
         # RFC 9110 8.6: no Content-Length in a 204; HEAD announces the length GET would send.
-        lines.append(f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(reply.payload)}\r\n")
+        lines.append(f"Content-Type: {reply.content_type}\r\nContent-Length: {len(reply.payload)}\r\n")
     lines.append(_BASE_HEADERS)
     lines.extend(f"{name}: {value}\r\n" for name, value in reply.headers)
     if close:

@@ -189,7 +189,7 @@ def open_ledger(db_path: Path) -> sqlite3.Connection | None:
 def build_report(db: sqlite3.Connection | None, query: Query) -> dict:
     """The whole report as the documented JSON object; `db` None reads as an empty ledger."""
     extras = tuple(g for g in query.groupings if g in COLUMN_GROUPINGS[2:])
-    cube = list(_cube(db, query, extras)) if db is not None else []
+    cube = list(cube_rows(db, query, extras)) if db is not None else []
     totals = _Measures()
     for row in cube:
         totals.add(row[2 + len(extras):])
@@ -293,14 +293,14 @@ def _filters(query: Query, *, pairs_filtered: bool = False) -> tuple[str, list]:
     return "".join(terms), params
 
 
-def _cube(db: sqlite3.Connection, query: Query, extras: tuple[str, ...]):
+def cube_rows(db: sqlite3.Connection, query: Query, extras: tuple[str, ...]):
     """Rows of (project, model, *extras, *_MEASURES) over the window: the finest grouping asked for."""
     extra_cols = "".join(f"{name}, " for name in extras)
     group_extras = f" GROUP BY {', '.join(extras)}" if extras else ""
     where, params = _filters(query, pairs_filtered=True)
     sql = (f"SELECT {extra_cols}{_MEASURES} FROM calls WHERE project IS ? AND model IS ? "
            f"AND started_at >= ? AND started_at < ?{where}{group_extras}")
-    for project, model in _pairs(db):
+    for project, model in pairs(db):
         if query.projects and (project if project is not None else "default") not in query.projects:
             continue
         if query.models and model not in query.models:
@@ -310,7 +310,7 @@ def _cube(db: sqlite3.Connection, query: Query, extras: tuple[str, ...]):
                 yield (project, model, *row)
 
 
-def _pairs(db: sqlite3.Connection) -> list[tuple[str | None, str | None]]:
+def pairs(db: sqlite3.Connection) -> list[tuple[str | None, str | None]]:
     """Every (project, model) ever recorded, by skipping along the index: one seek per pair."""
     pairs = []
     project_row = db.execute("SELECT project FROM calls ORDER BY project, model LIMIT 1").fetchone()
