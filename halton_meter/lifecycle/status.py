@@ -15,6 +15,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,10 +54,12 @@ def collect(settings: Settings) -> tuple[InstallState | None, list[Row]]:
     if state is None:
         rows = [Row("install", FAIL, f"not installed in {settings.home}", "halton-meter init")]
         return None, rows + [_ca_row(settings), _database_row(settings)]
+    health = api_health(settings, state.api_port)
     return state, [
         _edge_row(settings, state),
         _daemon_row(settings, state),
-        _api_row(settings, state),
+        _api_row(settings, state, health),
+        _export_row(settings, health),
         _ca_row(settings),
         _trust_row(settings, state),
         _supervisor_row(settings, state),
@@ -106,8 +109,7 @@ def _daemon_row(settings: Settings, state: InstallState) -> Row:
                "halton-meter restart   # then see `halton-meter doctor` if it stays down")
 
 
-def _api_row(settings: Settings, state: InstallState) -> Row:
-    health = api_health(settings, state.api_port)
+def _api_row(settings: Settings, state: InstallState, health: dict | None) -> Row:
     if health is None:
         return Row("api", WARN, f"no answer on http://127.0.0.1:{state.api_port}/health",
                    "halton-meter restart   # if the port is taken: halton-meter init --api-port PORT")
@@ -116,6 +118,29 @@ def _api_row(settings: Settings, state: InstallState) -> Row:
                    f"check free disk space and {settings.db_path}, then: halton-meter restart")
     return Row("api", OK, f"http://127.0.0.1:{state.api_port}/health: {health.get('rows_written', 0)} "
                           f"row(s) written since start, up {health.get('uptime_s', 0):.0f} s")
+
+
+def _export_row(settings: Settings, health: dict | None) -> Row:
+    """The OTLP exporter, as the running daemon reports it in /health."""
+    if settings.otlp is None:
+        return Row("export", OFF, "off: nothing leaves this machine ([export.otlp] is not set)")
+    url = settings.otlp.url
+    export = health.get("export") if health else None
+    if health is None:
+        return Row("export", WARN, f"to {url}: state unknown while the API does not answer", "halton-meter restart")
+    if export is None:
+        return Row("export", WARN, "[export.otlp] is set but the running daemon predates it",
+                   "halton-meter restart")
+    pending = export.get("pending_rows")
+    waiting = f"{pending:,} row(s) waiting" if pending is not None else "rows waiting"
+    if export["state"] in ("backing_off", "failing"):
+        retry = export.get("next_attempt_at")
+        when = f"; next try in {max(0, retry - time.time()):.0f} s" if retry else ""
+        return Row("export", WARN, f"to {url}: {export.get('last_error') or 'failing'}{when}; {waiting} "
+                                   "in the ledger (none lost)",
+                   f"check the collector at {url} and [export.otlp] headers in {settings.config_path}")
+    rejected = f", {export['rejected_rows']:,} rejected by the collector" if export.get("rejected_rows") else ""
+    return Row("export", OK, f"to {url}: {export['shipped_rows']:,} row(s) shipped, {waiting}{rejected}")
 
 
 def _ca_row(settings: Settings) -> Row:
