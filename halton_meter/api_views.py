@@ -32,7 +32,11 @@ DEFAULT_SINCE = "24h"
 DEFAULT_CALLS_LIMIT = 50
 MAX_CALLS_LIMIT = 500
 MAX_SERIES = 8  # past this many keys, the smallest are summed into "other"
-MAX_HOUR_BUCKETS = 24 * 31
+# Bucket sizes (a day is a local calendar day, 23 to 25 hours); `auto` picks the first whose
+# limit covers the window, so a chart has 12 to ~90 bars.
+BUCKET_S = {"5m": 300, "15m": 900, "hour": 3600, "day": 86400}
+_AUTO_BUCKETS = (("5m", 2 * 3600), ("15m", 12 * 3600), ("hour", 48 * 3600), ("day", float("inf")))
+MAX_BUCKETS = 24 * 31
 # Prometheus histogram bounds, in seconds: LLM calls run from a fraction of a second to minutes.
 DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFB_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -257,13 +261,14 @@ def timeseries_view(db: sqlite3.Connection | None, params: dict, now: float) -> 
     if by not in ("project", "model", "provider", "none"):
         raise BadRequest("by must be project, model, provider or none.")
     bucket = _one(params, "bucket", "auto")
-    if bucket not in ("auto", "hour", "day"):
-        raise BadRequest("bucket must be auto, hour or day.")
-    hours = (query.until - query.since) / 3600
+    if bucket not in ("auto", *BUCKET_S):
+        raise BadRequest("bucket must be auto, 5m, 15m, hour or day.")
+    span_s = query.until - query.since
     if bucket == "auto":
-        bucket = "hour" if hours <= 48 else "day"
-    if bucket == "hour" and hours > MAX_HOUR_BUCKETS:
-        raise BadRequest(f"hour buckets cover at most {MAX_HOUR_BUCKETS // 24} days; use bucket=day.")
+        bucket = next(name for name, limit_s in _AUTO_BUCKETS if span_s <= limit_s)
+    if bucket != "day" and span_s / BUCKET_S[bucket] > MAX_BUCKETS:
+        raise BadRequest(f"{bucket} buckets cover at most {MAX_BUCKETS * BUCKET_S[bucket] // 3600:,} hours; "
+                         "use a longer bucket, or bucket=day.")
     starts = _bucket_starts(bucket, query.since, query.until)
     index = {start: i for i, start in enumerate(starts)}
     totals: dict[str, list[list[int]]] = {}  # key -> [cost, calls, tokens, unpriced] per bucket
@@ -279,16 +284,17 @@ def timeseries_view(db: sqlite3.Connection | None, params: dict, now: float) -> 
         other = [[sum(values) for values in zip(*(s[k] for _, s in ranked[MAX_SERIES - 1:]))] for k in range(4)]
         ranked = ranked[:MAX_SERIES - 1] + [("other", other)]
     return {
-        "bucket": bucket, "by": by, "since": query.since, "until": query.until, "buckets": starts,
+        "bucket": bucket, "bucket_s": BUCKET_S[bucket], "by": by, "since": query.since, "until": query.until, "buckets": starts,
         "series": [{"key": key, "cost_nanousd": s[0], "cost_usd": [c / 1e9 for c in s[0]], "calls": s[1],
                     "tokens": s[2], "unpriced_calls": s[3]} for key, s in ranked],
     }
 
 
 def _bucket_starts(bucket: str, since: float, until: float) -> list[float]:
-    if bucket == "hour":
-        first = int(since // 3600) * 3600
-        return [float(t) for t in range(first, int(until) + 1, 3600) if t < until]
+    if bucket != "day":
+        size = BUCKET_S[bucket]
+        first = int(since // size) * size
+        return [float(t) for t in range(first, int(until) + 1, size) if t < until]
     day, last, starts = datetime.fromtimestamp(since).date(), datetime.fromtimestamp(until).date(), []
     while day <= last:
         start = datetime(day.year, day.month, day.day).timestamp()
@@ -303,7 +309,8 @@ def _bucketed(db: sqlite3.Connection | None, query: Query, bucket: str, by: str)
     (project, model) pair, like the report, so no query sorts the window."""
     if db is None:
         return
-    start = ("CAST(started_at / 3600 AS INTEGER) * 3600" if bucket == "hour"
+    # Sub-day buckets are whole multiples of their size since the epoch; days are local days.
+    start = (f"CAST(started_at / {BUCKET_S[bucket]} AS INTEGER) * {BUCKET_S[bucket]}" if bucket != "day"
              else "date(started_at, 'unixepoch', 'localtime')")
     key_column = {"provider": ", COALESCE(provider, 'unknown')"}.get(by, "")
     providers = ""
@@ -318,7 +325,7 @@ def _bucketed(db: sqlite3.Connection | None, query: Query, bucket: str, by: str)
         if (query.projects and name not in query.projects) or (query.models and model not in query.models):
             continue
         for row in db.execute(sql, (project, model, query.since, query.until, *query.providers)):
-            when = float(row[0]) if bucket == "hour" else _local_midnight(row[0])
+            when = float(row[0]) if bucket != "day" else _local_midnight(row[0])
             if key_column:
                 key, measures = row[1], row[2:]
             else:

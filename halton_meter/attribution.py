@@ -9,6 +9,8 @@ import ipaddress
 import logging
 import os
 import re
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -189,13 +191,20 @@ class _Proc(NamedTuple):
 class _ProcFs:
     def __init__(self, root: Path) -> None:
         self.root = str(root)
+        self._netlink = self.root == "/proc"  # sock_diag answers about this system's sockets only
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._lock = threading.Lock()  # lookups run in several worker threads at once
 
     def owner_pid(self, client: Endpoint, server: Endpoint, deadline: _Deadline) -> int | None:
         inode = 0
+        if self._netlink:
+            try:
+                inode = sock_diag_inode(client, server)
+            except OSError as exc:  # no netlink here (a sandbox, an old kernel): read the tables
+                log.debug("sock_diag_unavailable error=%r", exc)
+                self._netlink = False
         # An IPv4 client using an AF_INET6 socket is listed in tcp6, as ::ffff:a.b.c.d.
-        for table in ("tcp6",) if ":" in client[0] else ("tcp", "tcp6"):
+        for table in () if inode else ("tcp6",) if ":" in client[0] else ("tcp", "tcp6"):
             try:
                 # Line by line, stopping at the match: each read makes the kernel walk its whole
                 # connection hash table (~2 ms here), so the rest of the file is not read.
@@ -331,6 +340,49 @@ def _run(args: list[str], deadline: _Deadline) -> str | None:
     return done.stdout.decode("utf-8", "replace")
 
 
+def sock_diag_inode(client: Endpoint, server: Endpoint) -> int:
+    """The inode of the TCP socket from client to server, asked of the kernel by netlink
+    sock_diag (linux/inet_diag.h): one exact lookup in ~20 µs, where reading /proc/net/tcp walks
+    every connection, TIME_WAIT ones included. 0 if there is none; OSError if netlink is not
+    available."""
+    client_ip, server_ip = ipaddress.ip_address(client[0]), ipaddress.ip_address(server[0])
+    if client_ip.version == 4:
+        # An IPv4 client may hold an AF_INET socket, or an AF_INET6 one with mapped addresses.
+        attempts = [(socket.AF_INET, client_ip, server_ip),
+                    (socket.AF_INET6, _mapped(client_ip), _mapped(server_ip))]
+    else:
+        attempts = [(socket.AF_INET6, client_ip, server_ip)]
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG) as channel:
+        channel.settimeout(0.2)
+        for family, local, remote in attempts:
+            # struct inet_diag_req_v2, then inet_diag_sockid: ports and addresses in network
+            # order, any interface, no cookie.
+            sockid = (struct.pack("!HH", client[1], server[1]) + local.packed.ljust(16, b"\0")
+                      + remote.packed.ljust(16, b"\0") + struct.pack("=III", 0, _NO_COOKIE, _NO_COOKIE))
+            request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, _ALL_TCP_STATES) + sockid
+            channel.send(struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
+                         + request)
+            reply = channel.recv(8192)
+            if len(reply) >= 88 and struct.unpack_from("=H", reply, 4)[0] == _SOCK_DIAG_BY_FAMILY:
+                # nlmsghdr (16) + inet_diag_msg: family, state, timer, retrans (4), sockid (48),
+                # expires, rqueue, wqueue, uid (16), then the inode.
+                inode = struct.unpack_from("=I", reply, 84)[0]
+                if inode:
+                    return inode
+    return 0
+
+
+def _mapped(ip: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
+    return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NO_COOKIE = 0xFFFFFFFF
+_ALL_TCP_STATES = 0xFFF
+
+
 # --- pure parsers ----------------------------------------------------------------------------
 
 def find_socket_inode(lines: Iterable[str], client: Endpoint, server: Endpoint, *, tcp6: bool,
@@ -447,7 +499,7 @@ def _endpoint(address: tuple) -> Endpoint:
 def _proc_address(endpoint: Endpoint, tcp6: bool, byteorder: str) -> str | None:
     ip = ipaddress.ip_address(endpoint[0])
     if tcp6 and isinstance(ip, ipaddress.IPv4Address):
-        ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+        ip = _mapped(ip)
     elif not tcp6 and isinstance(ip, ipaddress.IPv6Address):
         return None
     raw = ip.packed

@@ -154,8 +154,14 @@ def sweep(db: sqlite3.Connection, retention_days: int, now: float) -> int:
                       (now - retention_days * 86400,)).rowcount
 
 
-def stats(db: sqlite3.Connection, settings: BodySettings, *, as_json: bool, out: TextIO) -> int:
-    """`bodies stats`: how much is stored, how much was cut, what redaction removed."""
+def stats(db: sqlite3.Connection | None, settings: BodySettings, *, as_json: bool, out: TextIO) -> int:
+    """`bodies stats`: how much is stored, how much was cut, what redaction removed (`db` None:
+    no ledger yet, so nothing)."""
+    if db is None:
+        db = sqlite3.connect(":memory:")
+        db.executescript("CREATE TABLE request_bodies (request_body, response_body, request_headers, "
+                         "response_headers, request_truncated, response_truncated, captured_at, redactions); "
+                         "CREATE TABLE projects (name, body_capture);")
     calls, stored, truncated, oldest, newest = db.execute(
         "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(request_body AS BLOB)) + LENGTH(CAST(response_body AS BLOB)) "
         "+ LENGTH(request_headers) + LENGTH(response_headers)), 0), "

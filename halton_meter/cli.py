@@ -385,15 +385,9 @@ def cmd_bodies(args: argparse.Namespace) -> int:
     from halton_meter.report import TimeError, parse_time
 
     settings, db = _ledger_for(args, "bodies_home", required=args.action == "show")
-    if db is None:
-        if args.action == "stats":
-            db = __import__("sqlite3").connect(":memory:")
-            from halton_meter.ledger import MIGRATIONS
-            for migrate in MIGRATIONS:
-                migrate(db)
-        else:
-            print("No ledger yet: nothing to purge.")
-            return 0
+    if db is None and args.action == "purge":
+        print("No ledger yet: nothing to purge.")
+        return 0
     try:
         if args.action == "show":
             return bodies.show(db, args.call_id, as_json=args.json, out=sys.stdout)
@@ -407,7 +401,8 @@ def cmd_bodies(args: argparse.Namespace) -> int:
             return 2
         return bodies.purge(db, now - cutoff, vacuum=args.vacuum, out=sys.stdout, now=now)
     finally:
-        db.close()
+        if db is not None:
+            db.close()
 
 
 def cmd_export(args: argparse.Namespace) -> int:

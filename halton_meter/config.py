@@ -163,6 +163,14 @@ def check_loopback(address: str) -> None:
         )
 
 
+def _origins(value: object, path: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.startswith(("http://", "https://"))
+                                              for v in value):
+        raise ConfigError(f"{path}: [api] allowed_origins must be a list of origins like "
+                          '["http://localhost:3000"].')
+    return tuple(value)
+
+
 def _flag(table: dict, name: str, default: bool, path: Path) -> bool:
     value = table.get(name, default)
     if not isinstance(value, bool):
@@ -220,7 +228,7 @@ def _from_file(home: Path) -> Settings:
             connect_timeout_s=float(proxy.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)),
             shutdown_grace_s=float(proxy.get("shutdown_grace_s", DEFAULT_SHUTDOWN_GRACE_S)),
             api_port=int(api.get("port", DEFAULT_API_PORT)),
-            api_allowed_origins=tuple(str(origin) for origin in api.get("allowed_origins", [])),
+            api_allowed_origins=_origins(api.get("allowed_origins", []), path),
             upstreams=upstreams,
             upstream_ca_files=tuple(
                 Path(p).expanduser().resolve() for p in proxy.get("upstream_ca", [])

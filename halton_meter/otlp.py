@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from halton_meter.adapters.selftest import PROVIDER as SELFTEST_PROVIDER
 from halton_meter.ledger import connect
 
 log = logging.getLogger(__name__)
@@ -471,6 +472,10 @@ class OtlpExporter:
         self._commit(db, [], [row["id"] for row, _, _ in refused], 0, self._new_mark(rows, unresolved))
 
     def _post(self, rows: list[dict]) -> tuple[int, str | None, bytes]:
+        # `init`/`doctor` self-test calls are deleted once checked: never the team's spend.
+        rows = [row for row in rows if row["provider"] != SELFTEST_PROVIDER]
+        if not rows:
+            return 200, None, b"{}"
         payload = build_payload(rows, self.settings, host_name=self.host_name, version=self.version)
         request = urllib.request.Request(self.settings.url, data=json.dumps(payload, separators=(",", ":")).encode(),
                                          headers=self._headers, method="POST")

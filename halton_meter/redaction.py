@@ -7,7 +7,7 @@ Query strings of request targets (`redact_target`); captured headers and bodies 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 REDACTED = "REDACTED"
@@ -19,8 +19,8 @@ _SECRET_PARAMS = frozenset({
 })
 _PARAM = re.compile(r"([^&=]*)(=?)([^&]*)")
 
-# Every category redact_text and redact_headers count, in the order counts are reported: header
-# values, then keys by who issues them, then credentials recognised by their context.
+# Every category redact_text and redact_headers count, in the order counts are reported: HTTP
+# credentials, keys by who issues them, generic token formats, then secrets known by context.
 CATEGORIES: tuple[str, ...] = (
     "auth_header", "bearer_token",
     "anthropic_key", "openai_key", "openrouter_key", "google_key", "xai_key", "groq_key",
@@ -55,7 +55,7 @@ def redact_text(text: str) -> tuple[str, dict[str, int]]:
         return _replacement(match, counts, replace)
 
     redacted = _SECRETS.sub(replace, text)
-    return redacted, merge_counts(counts)
+    return redacted, merge_counts(counts) if counts else {}
 
 
 def redact_headers(headers: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str]], dict[str, int]]:
@@ -71,8 +71,9 @@ def redact_headers(headers: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, 
         else:
             value, found = redact_text(value)
             kept.append((name, value))
-            counts.append(found)
-    return kept, merge_counts(*counts)
+            if found:
+                counts.append(found)
+    return kept, merge_counts(*counts) if counts else {}
 
 
 def merge_counts(*counts: dict[str, int]) -> dict[str, int]:
@@ -248,11 +249,12 @@ def _compile(rules: list[_Rule]) -> re.Pattern:
     """One alternation over `rules`, each branch tagged with an empty group `rule<i>` so that
     `match.lastgroup` names the rule that matched.
 
-    sre skips straight to candidate positions only when every top-level branch starts with a
-    literal, and rejects a branch without running it when its first item is a literal or class
-    that differs. So rules are grouped under their first character, and the left context (a
-    lookbehind, dearer) goes after the second: a 512 KiB body takes milliseconds, not 100.
-    Order within a group is kept.
+    CPython's engine skips straight to candidate positions only when every top-level branch
+    starts with a literal, and rejects a branch without running it when its first item is a
+    literal or class that differs. So rules are grouped under their first character, and the
+    left context (a lookbehind, dearer) goes after the second: a 512 KiB chat body takes about
+    15 ms, against over 100 ms for a plain alternation of named groups. Order within a group
+    is kept.
     """
     by_first: dict[str, list[str]] = {}
     for index, rule in enumerate(rules):
@@ -275,7 +277,8 @@ _VALUE_GROUPS = [f"value{index}" if "(?P<value>" in rule.pattern else None
                  for index, rule in enumerate(_RULES)]
 
 
-def _replacement(match: re.Match, counts: dict[str, int], replace) -> str:
+def _replacement(match: re.Match, counts: dict[str, int],
+                 replace: Callable[[re.Match], str]) -> str:
     """What replaces one match of _SECRETS, counted in `counts`; `replace` is redact_text's own
     callback, for rescanning parts of the match that are not the secret."""
     index = int(match.lastgroup[4:])

@@ -149,8 +149,8 @@ def test_models_carry_provider_and_unpriced_reason(views):
 
 
 def test_timeseries_hour_buckets_cover_the_window_and_sum_to_the_totals(views):
-    status, body = views("/api/timeseries", since="6h")
-    assert status == 200 and body["bucket"] == "hour" and body["by"] == "project"
+    status, body = views("/api/timeseries", since="6h", bucket="hour")
+    assert status == 200 and body["bucket"] == "hour" and body["bucket_s"] == 3600 and body["by"] == "project"
     starts = body["buckets"]
     assert all(b - a == HOUR for a, b in zip(starts, starts[1:])) and len(starts) in (6, 7)
     assert starts[0] <= NOW - 6 * HOUR < starts[0] + HOUR
@@ -177,6 +177,18 @@ def test_timeseries_by_model_and_provider_and_day_buckets(views):
     assert sum(sum(s["calls"]) for s in daily["series"]) == 7
     status, body = views("/api/timeseries", since="60d", bucket="hour")
     assert status == 400 and "bucket=day" in body["error"]
+
+
+def test_timeseries_auto_buckets_follow_the_window(views):
+    expected = {"1h": ("5m", 300, (12, 13)), "6h": ("15m", 900, (24, 25)), "24h": ("hour", 3600, (24, 25))}
+    for since, (bucket, size, counts) in expected.items():
+        _, body = views("/api/timeseries", since=since)
+        assert (body["bucket"], body["bucket_s"]) == (bucket, size) and len(body["buckets"]) in counts
+        assert all(start % size == 0 for start in body["buckets"])
+    _, body = views("/api/timeseries", since="1h")
+    assert {s["key"]: sum(s["calls"]) for s in body["series"]} == {"alpha": 1, "beta": 1}  # rows 1 and 5
+    status, body = views("/api/timeseries", since="7d", bucket="5m")
+    assert status == 400 and "5m buckets cover at most 62 hours" in body["error"]
 
 
 def test_timeseries_keeps_the_largest_series_and_sums_the_rest_as_other(tmp_path):

@@ -569,3 +569,20 @@ def test_a_dotfiles_repository_in_a_home_directory_is_not_a_project(tmp_path):
     assert _git_repo_name(str(home / "notes")) is not None  # tmp_path is not under /home
     assert attribution_module._is_home("/home/ana") and attribution_module._is_home("/Users/ana")
     assert not attribution_module._is_home("/home/ana/src/app")
+
+
+def test_sock_diag_finds_the_same_inode_as_the_socket_itself():
+    from halton_meter.attribution import sock_diag_inode
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                try:
+                    inode = sock_diag_inode(accepted.getpeername(), accepted.getsockname())
+                except OSError as exc:
+                    pytest.skip(f"no netlink sock_diag here: {exc}")
+                assert inode == os.fstat(client.fileno()).st_ino
+                assert sock_diag_inode(("127.0.0.1", 1), accepted.getsockname()) == 0

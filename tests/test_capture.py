@@ -317,3 +317,60 @@ def test_export_csv_and_jsonl(metered, tmp_path):
     assert cli(proxy.home, "export", "--format", "csv", "--since", "later").returncode == 2
     empty = cli(proxy.home, "export", "--format", "csv", "--since", "2000-01-01", "--until", "2000-01-02")
     assert empty.stdout.count("\n") == 1  # the header alone
+
+
+def test_commands_on_a_home_without_a_ledger_say_so(tmp_path):
+    stats = cli(tmp_path, "bodies", "stats", "--json")
+    assert stats.returncode == 0 and json.loads(stats.stdout)["calls_with_bodies"] == 0
+    show = cli(tmp_path, "bodies", "show", "abc")
+    assert show.returncode == 1 and "no ledger" in show.stderr
+    assert "No projects yet" in cli(tmp_path, "project", "list").stdout
+    assert cli(tmp_path, "export", "--format", "jsonl").stdout == ""
+    down = cli(tmp_path, "dashboard", "--print")
+    assert down.returncode == 1 and "halton-meter start" in down.stderr
+    assert not (tmp_path / "db.sqlite").exists()  # reading never creates a ledger
+
+
+def test_dashboard_prints_the_running_daemons_address(metered):
+    proxy = metered()
+    port = int((proxy.home / "run" / "api.port").read_text())
+    result = cli(proxy.home, "dashboard", "--print")
+    assert result.returncode == 0 and result.stdout.strip() == f"http://127.0.0.1:{port}/"
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[api]\nallowed_origins = "http://x"\n', "allowed_origins must be a list"),
+    ("[bodies]\nmax_body_bytes = 0\n", "max_body_bytes must be a whole number"),
+    ("[bodies]\nretention_days = 1.5\n", "retention_days must be a whole number"),
+    ("[bodies]\nenable = true\n", "has no setting 'enable'"),
+    ('[attribution]\nprocess_lookup = "yes"\n', "process_lookup must be true or false"),
+    ("attribution = 3\n", "[attribution] must be a table"),
+    ('[[attribution.rules]]\nprocess = "x"\n', "attribution rule 1"),
+])
+def test_new_config_sections_are_checked(tmp_path, text, words):
+    from halton_meter.config import ConfigError, load_settings
+
+    (tmp_path / "config.toml").write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(tmp_path)
+    assert words in str(raised.value)
+
+
+def test_configured_origin_may_read_the_api_and_others_may_not(tmp_path):
+    import http.client
+
+    (tmp_path / "config.toml").write_text('[api]\nallowed_origins = ["http://localhost:3000"]\n')
+    proxy = start_serve(tmp_path)
+    try:
+        port = int((tmp_path / "run" / "api.port").read_text())
+        for origin, status in (("http://localhost:3000", 200), ("http://evil.example", 403)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/api/summary", headers={"Origin": origin})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            assert response.status == status
+            if status == 200:
+                assert response.getheader("Access-Control-Allow-Origin") == origin
+    finally:
+        assert stop_serve(proxy) == 0

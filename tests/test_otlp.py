@@ -125,7 +125,8 @@ def seed(db: Path, count: int, *, first: int = 0, **overrides) -> None:
     for n in range(first, first + count):
         ledger.record(CallRow(
             call_id=overrides.get("call_id", f"call-{n}"), started_at=1_700_000_000.0 + n, host="api.anthropic.com",
-            method="POST", path="/v1/messages", status=200, provider="anthropic", endpoint="messages",
+            method="POST", path="/v1/messages", status=200, provider=overrides.get("provider", "anthropic"),
+            endpoint="messages",
             request_model="claude-sonnet-4-5", model="claude-sonnet-4-5", usage_status="exact",
             input_tokens=10, output_tokens=5, cost_nanousd=1000 + n, duration_ms=120.0, project="alpha"))
     ledger.close()
@@ -576,6 +577,17 @@ def test_proxy_environment_is_ignored(tmp_path, receiver, exporters, monkeypatch
 
 # ---- the daemon ships its own calls; status shows the exporter -------------------------------
 
+def test_self_test_rows_are_marked_but_never_sent(tmp_path, receiver, exporters):
+    db = tmp_path / "db.sqlite"
+    seed(db, 2)
+    seed(db, 1, first=2, provider="selftest")
+    seed(db, 1, first=3)
+    rec = receiver()
+    exporters(db, rec.endpoint)
+    wait_for(lambda: all(at is not None for at in exported(db).values()))
+    assert shipped_call_ids(rec) == ["call-0", "call-1", "call-3"]
+
+
 def test_serve_ships_real_calls_and_reports_export_health(tmp_path, fake, receiver):
     from halton_meter.api import get_json
     from halton_meter.config import load_settings
@@ -596,7 +608,7 @@ def test_serve_ships_real_calls_and_reports_export_health(tmp_path, fake, receiv
                          headers={"content-type": "application/json", "x-halton-project": "team-a"})
             assert conn.getresponse().status == 200
             conn.close()
-        wait_for(lambda: sum(len(p.call_ids) for p in collector.posts) >= 2, timeout=10)
+        wait_for(lambda: sum(len(p.call_ids) for p in collector.posts) >= 2, timeout=20)
         spans = [span for post in collector.posts for span in _items(post.body)]
         attrs = [_attrs(span) for span in spans]
         assert {a["halton.project"] for a in attrs} == {"team-a"}
@@ -605,8 +617,9 @@ def test_serve_ships_real_calls_and_reports_export_health(tmp_path, fake, receiv
         assert all(a["halton.cost_usd"][0] == "doubleValue" for a in attrs)
         assert collector.posts[0].headers["Authorization"] == f"Bearer {SECRET}"
         port = int((tmp_path / "run" / "api.port").read_text())
-        health = wait_for(lambda: (h := get_json(port, "/health")[1])["export"]["shipped_rows"] >= 2 and h)
-        assert health["export"]["state"] in ("idle", "shipping") and health["export"]["pending_rows"] == 0
+        health = wait_for(lambda: (h := get_json(port, "/health", timeout=5)[1])["export"]["shipped_rows"] >= 2
+                          and h["export"]["pending_rows"] == 0 and h, timeout=20)
+        assert health["export"]["state"] in ("idle", "shipping")
         settings = load_settings(tmp_path)
         row = _export_row(settings, health)
         assert row.state == OK and "2 row(s) shipped" in row.detail

@@ -95,6 +95,7 @@ SHAPE_CONTEXTS = {
 def test_key_shapes_are_redacted_in_every_context(category, key, context):
     build = SHAPE_CONTEXTS[context]
     redacted, counts = redact_text(build(key))
+    assert key not in redacted and json.dumps(key)[1:-1] not in redacted
     assert redacted == build(marker(category))
     assert counts == {category: 1}
 

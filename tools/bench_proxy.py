@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="halton-bench-")))
-            direct, proxy, serve = start_services(workdir, stack)
+            direct, proxy, serve = start_services(workdir, stack, args.config)
             runs = []
             for index in range(args.runs):
                 if not args.json:
@@ -91,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer samples and 2 s of load (under ~25 s)")
     parser.add_argument("--runs", type=int, default=1, help="repeat the measurement N times; report medians")
     parser.add_argument("--json", action="store_true", help="print machine-readable results")
+    parser.add_argument("--config", metavar="FILE", help="a config.toml for the proxy's home (e.g. to compare "
+                                                          "with [bodies] enabled = false)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -113,7 +115,8 @@ class Route:
         return ssl.create_default_context(cafile=self.ca_file)
 
 
-def start_services(workdir: Path, stack: contextlib.ExitStack) -> tuple[Route, Route, subprocess.Popen]:
+def start_services(workdir: Path, stack: contextlib.ExitStack,
+                   config: str | None = None) -> tuple[Route, Route, subprocess.Popen]:
     """Fake provider, then `serve` pointed at it; both stopped when `stack` unwinds."""
     fake_out = spawn(stack, workdir, "fake", "-m", "halton_meter.fakeprovider",
                      "--port", "0", "--ca-dir", str(workdir / "fake-ca"))
@@ -121,6 +124,9 @@ def start_services(workdir: Path, stack: contextlib.ExitStack) -> tuple[Route, R
     fake_port = int(banner.split("fake provider on 127.0.0.1:")[1].split()[0])
     fake_ca = banner.split("  CA: ")[1].splitlines()[0]
     home = workdir / "home"
+    if config is not None:
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(Path(config).read_text())
     serve_out = spawn(stack, workdir, "serve", "-m", "halton_meter", "serve", "--home", str(home), "--api-port", "0",
                       "--port", "0", "--upstream", f"{PROVIDER_HOST}=127.0.0.1:{fake_port}",
                       "--upstream-ca", fake_ca, home=home)

@@ -170,6 +170,8 @@ def _check_row(settings: Settings, project: str, timeout_s: float) -> Check:
                                           "See `halton-meter status`")
         provider, usage_status, output_tokens, cost = row
         with db:
+            db.execute("DELETE FROM request_bodies WHERE call_id IN "
+                       "(SELECT call_id FROM calls WHERE project = ?)", (project,))
             db.execute("DELETE FROM calls WHERE project = ?", (project,))
             db.execute("DELETE FROM projects WHERE name = ?", (project,))
         if provider != selftest.PROVIDER or usage_status != "exact" or not output_tokens or cost is None:
