@@ -45,7 +45,8 @@ LINGER_BYTES = 256 * 1024
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # get_json refuses a larger answer
 
 Handler = Callable[[dict[str, list[str]]], tuple[int, object]]
-HANDLER_THREADS = 2  # ledger reads in parallel; more would only contend for the GIL
+# Ledger reads in parallel; enough that a slow first /metrics scrape never holds up /health.
+HANDLER_THREADS = 4
 
 
 class Document(NamedTuple):

@@ -37,6 +37,7 @@ MAX_SERIES = 8  # past this many keys, the smallest are summed into "other"
 BUCKET_S = {"5m": 300, "15m": 900, "hour": 3600, "day": 86400}
 _AUTO_BUCKETS = (("5m", 2 * 3600), ("15m", 12 * 3600), ("hour", 48 * 3600), ("day", float("inf")))
 MAX_BUCKETS = 24 * 31
+MAX_DAY_BUCKETS = 3660  # ten years of days
 # Prometheus histogram bounds, in seconds: LLM calls run from a fraction of a second to minutes.
 DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFB_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -122,9 +123,14 @@ def _many(params: dict[str, list[str]], name: str) -> tuple[str, ...]:
 
 def _time(text: str, now: float, name: str, *, end: bool = False) -> float:
     try:
-        return float(text) if text.replace(".", "", 1).isdigit() else parse_time(text, now, flag=name, end=end)
-    except TimeError as exc:
-        raise BadRequest(f"{exc} Unix seconds work too.") from None
+        if text.isascii() and text.replace(".", "", 1).isdigit():
+            seconds = float(text)
+            datetime.fromtimestamp(seconds)  # in the range dates can show
+            return seconds
+        return parse_time(text, now, flag=name, end=end)
+    except (TimeError, ValueError, OverflowError, OSError):
+        raise BadRequest(f"{name} {text[:40]!r} is not a time. Use a duration like 7d, 24h, 30m or 2w, "
+                         "a local date or time like 2026-11-01, or unix seconds.") from None
 
 
 def window(params: dict[str, list[str]], now: float) -> Query:
@@ -142,7 +148,7 @@ def _int(params: dict[str, list[str]], name: str, default: int, low: int, high: 
     text = _one(params, name)
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}.")
     return int(text)
 
@@ -269,6 +275,8 @@ def timeseries_view(db: sqlite3.Connection | None, params: dict, now: float) -> 
     if bucket != "day" and span_s / BUCKET_S[bucket] > MAX_BUCKETS:
         raise BadRequest(f"{bucket} buckets cover at most {MAX_BUCKETS * BUCKET_S[bucket] // 3600:,} hours; "
                          "use a longer bucket, or bucket=day.")
+    if span_s / 86400 > MAX_DAY_BUCKETS:
+        raise BadRequest(f"a time series covers at most {MAX_DAY_BUCKETS:,} days; pick a later since.")
     starts = _bucket_starts(bucket, query.since, query.until)
     index = {start: i for i, start in enumerate(starts)}
     totals: dict[str, list[list[int]]] = {}  # key -> [cost, calls, tokens, unpriced] per bucket
@@ -342,8 +350,9 @@ def _local_midnight(iso_day: str) -> float:
 
 
 class LedgerMetrics:
-    """Ledger totals as Prometheus counters, kept incrementally: each scrape reads only the rows
-    recorded since the last one (a primary-key range), so a scrape costs the same on any ledger.
+    """Ledger totals as Prometheus counters, kept incrementally: the first scrape reads the whole
+    ledger (about 3 s for a million rows), each later one only the rows recorded since (a
+    primary-key range). Self-test rows are left out.
 
     Totals are lifetime totals of the ledger as it was when each row was first read: a later
     `reprice`, `project rename` or `merge` shows from the next daemon start.
@@ -353,6 +362,7 @@ class LedgerMetrics:
         self.db_path = db_path
         self._lock = threading.Lock()
         self._last_id = 0
+        self._last_call_id: str | None = None
         # (provider, model, project, outcome) -> calls, input, cache read, cache write, output,
         # reasoning, cost, unpriced
         self._totals: dict[tuple[str, str, str, str], list[int]] = {}
@@ -371,7 +381,13 @@ class LedgerMetrics:
             return
         try:
             db.execute("BEGIN")
-            top = db.execute("SELECT MAX(id) FROM calls").fetchone()[0] or 0
+            last = db.execute("SELECT call_id FROM calls WHERE id = ?", (self._last_id,)).fetchone()
+            if self._last_id and (last is None or last[0] != self._last_call_id):
+                # The newest row was deleted (the self-test removes its own) and its id may be
+                # reused by a new call: read again from the row before it.
+                self._last_id = db.execute("SELECT COALESCE(MAX(id), 0) FROM calls WHERE id < ?",
+                                           (self._last_id,)).fetchone()[0]
+            top, top_call_id = db.execute("SELECT id, call_id FROM calls ORDER BY id DESC LIMIT 1").fetchone() or (0, None)
             if top <= self._last_id:
                 return
             bounds = (self._last_id, top)
@@ -380,7 +396,7 @@ class LedgerMetrics:
                     "outcome, COUNT(*), SUM(input_tokens), SUM(cache_read_tokens), SUM(cache_write_5m_tokens + "
                     "cache_write_1h_tokens + cache_write_30m_tokens + cache_write_12h_tokens), SUM(output_tokens), "
                     "SUM(COALESCE(reasoning_tokens, 0)), SUM(COALESCE(cost_nanousd, 0)), COUNT(unpriced_reason) "
-                    "FROM calls WHERE id > ? AND id <= ? GROUP BY 1, 2, 3, 4", bounds):
+                    "FROM calls WHERE id > ? AND id <= ? AND provider IS NOT 'selftest' GROUP BY 1, 2, 3, 4", bounds):
                 totals = self._totals.setdefault(tuple(key), [0] * 8)
                 for i, value in enumerate((calls, inp, read, write, out, reasoning, cost, unpriced)):
                     totals[i] += value or 0
@@ -389,11 +405,12 @@ class LedgerMetrics:
                 counts = ", ".join(f"SUM({column} <= {b * 1000})" for b in bounds_s)
                 for provider, *values in db.execute(
                         f"SELECT COALESCE(provider, 'unknown'), {counts}, SUM({column}), COUNT({column}) "
-                        f"FROM calls WHERE id > ? AND id <= ? AND {column} IS NOT NULL GROUP BY 1", bounds):
+                        f"FROM calls WHERE id > ? AND id <= ? AND {column} IS NOT NULL "
+                        "AND provider IS NOT 'selftest' GROUP BY 1", bounds):
                     histogram = store.setdefault(provider, [0.0] * (len(bounds_s) + 2))
                     for i, value in enumerate(values):
                         histogram[i] += value or 0
-            self._last_id = top
+            self._last_id, self._last_call_id = top, top_call_id
         finally:
             db.close()
 

@@ -200,6 +200,8 @@ class _ProcFs:
         if self._netlink:
             try:
                 inode = sock_diag_inode(client, server)
+            except TimeoutError:
+                pass  # a slow answer this once: read the tables
             except OSError as exc:  # no netlink here (a sandbox, an old kernel): read the tables
                 log.debug("sock_diag_unavailable error=%r", exc)
                 self._netlink = False

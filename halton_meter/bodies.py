@@ -21,6 +21,9 @@ SWEEP_INTERVAL_S = 86400.0
 # Kept beyond the limit so a secret straddling the cut is still whole when redaction runs (the
 # largest shape, a PEM private key, is matched up to 16 KiB; redaction.py).
 REDACTION_MARGIN_BYTES = 16 * 1024
+# Never stored from the end of a cut capture: longer than any key shape but a PEM block, which
+# redaction.py redacts even when its END line is missing.
+_CUT_TAIL_BYTES = 1024
 # Bodies of these types are not text: their size is recorded, their bytes are not.
 _BINARY_TYPES = ("image/", "audio/", "video/", "application/octet-stream", "application/pdf",
                  "application/zip", "application/grpc", "application/x-protobuf", "application/protobuf")
@@ -65,30 +68,37 @@ def stored_values(call_id: str, at: float, capture: BodyCapture, max_body_bytes:
     request_headers, header_counts = redact_headers(capture.request_headers)
     response_headers, response_header_counts = redact_headers(capture.response_headers)
     # The relay forwards a compressed upload as it is; responses are captured decoded.
-    request_body, request_counts = _body_text(capture.request_parts, request_headers, max_body_bytes,
-                                              check_coding=True)
-    response_body, response_counts = _body_text(capture.response_parts, response_headers, max_body_bytes)
+    request_body, request_cut, request_counts = _body_text(
+        capture.request_parts, capture.request_bytes, request_headers, max_body_bytes, check_coding=True)
+    response_body, response_cut, response_counts = _body_text(
+        capture.response_parts, capture.response_bytes, response_headers, max_body_bytes)
     counts = merge_counts(header_counts, response_header_counts, request_counts, response_counts)
-    return (call_id, at, json.dumps(request_headers), request_body, capture.request_bytes,
-            int(capture.request_bytes > max_body_bytes), json.dumps(response_headers), response_body,
-            capture.response_bytes, int(capture.response_bytes > max_body_bytes),
+    return (call_id, at, json.dumps(request_headers), request_body, capture.request_bytes, int(request_cut),
+            json.dumps(response_headers), response_body, capture.response_bytes, int(response_cut),
             json.dumps(counts, sort_keys=True))
 
 
-def _body_text(parts: list[bytes], headers: list[tuple[str, str]], max_body_bytes: int, *,
-               check_coding: bool = False):
+def _body_text(parts: list[bytes], total_bytes: int, headers: list[tuple[str, str]], max_body_bytes: int, *,
+               check_coding: bool = False) -> tuple[str | None, bool, dict[str, int]]:
+    """(stored text or None, whether it was cut, redaction counts)."""
     if not parts:
-        return None, {}
+        return None, False, {}
     fields = {name.lower(): value.lower().strip() for name, value in headers}
     if fields.get("content-type", "").startswith(_BINARY_TYPES):
-        return None, {}
+        return None, False, {}
     if check_coding and fields.get("content-encoding", "identity") != "identity":
-        return None, {}
-    text, counts = redact_text(b"".join(parts).decode("utf-8", errors="replace"))
+        return None, False, {}
+    kept = b"".join(parts)
+    text, counts = redact_text(kept.decode("utf-8", errors="replace"))
     encoded = text.encode("utf-8")
-    if len(encoded) > max_body_bytes:
-        text = encoded[:max_body_bytes].decode("utf-8", errors="ignore")
-    return text, counts
+    limit = max_body_bytes
+    if len(kept) < total_bytes:
+        # The capture itself was cut, mid-secret perhaps: redaction may have shortened the text
+        # enough to bring that tail inside the limit, so never store its last bytes.
+        limit = min(limit, len(encoded) - _CUT_TAIL_BYTES)
+    if len(encoded) <= limit:
+        return text, False, counts
+    return encoded[:max(0, limit)].decode("utf-8", errors="ignore"), True, counts
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -163,8 +173,8 @@ def stats(db: sqlite3.Connection | None, settings: BodySettings, *, as_json: boo
                          "response_headers, request_truncated, response_truncated, captured_at, redactions); "
                          "CREATE TABLE projects (name, body_capture);")
     calls, stored, truncated, oldest, newest = db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(request_body AS BLOB)) + LENGTH(CAST(response_body AS BLOB)) "
-        "+ LENGTH(request_headers) + LENGTH(response_headers)), 0), "
+        "SELECT COUNT(*), COALESCE(SUM(COALESCE(LENGTH(CAST(request_body AS BLOB)), 0) + "
+        "COALESCE(LENGTH(CAST(response_body AS BLOB)), 0) + LENGTH(request_headers) + LENGTH(response_headers)), 0), "
         "COALESCE(SUM(request_truncated + response_truncated), 0), MIN(captured_at), MAX(captured_at) "
         "FROM request_bodies").fetchone()
     counts = dict(db.execute(

@@ -208,6 +208,11 @@ def _from_file(home: Path) -> Settings:
             raise ConfigError(f"{path}: [{name}] must be a table. See the README's configuration section.")
     from halton_meter.attribution import parse_rules  # it raises ConfigError, defined here
 
+    unknown = set(attribution) - {"process_lookup", "rules"}
+    if unknown:
+        raise ConfigError(f"{path}: [attribution] has no setting {sorted(unknown)[0]!r}; "
+                          "use process_lookup or [[attribution.rules]].")
+
     settings = replace(settings, bodies=_bodies(bodies, path),
                        process_lookup=_flag(attribution, "process_lookup", True, path),
                        attribution_rules=parse_rules(attribution.get("rules"), where=str(path)))

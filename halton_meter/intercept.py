@@ -11,14 +11,14 @@ import logging
 import ssl
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from halton_meter.adapters import selftest
 from halton_meter.attribution import ProcessAttributor
 from halton_meter.config import DEFAULT_CONNECT_TIMEOUT_S
 from halton_meter.ledger import Ledger
-from halton_meter.relay import Relay
+from halton_meter.relay import LOOKUP_WAIT_S, Relay
 from halton_meter.tls.ca import CertificateAuthority
 from halton_meter.tunnel import READ_SIZE, close_quietly
 
@@ -50,6 +50,7 @@ class Interceptor:
         self.attributor = attributor
         self._lookups = ThreadPoolExecutor(2, thread_name_prefix="attribution") if attributor else None
         self._lookup_slots = threading.BoundedSemaphore(MAX_PENDING_LOOKUPS)
+        self._pending_lookups: set[Future] = set()
         self.upstreams = dict(upstreams or {})
         self.upstream_ssl = upstream_context(upstream_ca_files)
         self._selftest_ssl: ssl.SSLContext | None = None
@@ -82,9 +83,9 @@ class Interceptor:
         return context
 
     def attribute(self, writer: asyncio.StreamWriter) -> Future | None:
-        """Start finding the process behind this connection, in a worker thread: once per
-        connection, never per request, and never awaited by traffic (relay.py records the
-        row when it is done)."""
+        """Start finding the process behind a connection, in a worker thread (relay.py asks once
+        per connection, never per request, and records the row when it is done: traffic never
+        waits for it)."""
         if self._lookups is None or not self._lookup_slots.acquire(blocking=False):
             return None
         peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
@@ -96,18 +97,25 @@ class Interceptor:
         except RuntimeError:  # shutting down
             self._lookup_slots.release()
             return None
-        future.add_done_callback(lambda _: self._lookup_slots.release())
+        self._pending_lookups.add(future)
+        future.add_done_callback(self._lookup_done)
         return future
 
-    def close(self) -> None:
-        """After the last relay: wait for lookups still running, so their rows are recorded."""
-        if self._lookups is not None:
-            self._lookups.shutdown(wait=True, cancel_futures=True)
+    def _lookup_done(self, future: Future) -> None:
+        self._pending_lookups.discard(future)
+        self._lookup_slots.release()
+
+    def close(self, timeout_s: float = LOOKUP_WAIT_S) -> None:
+        """After the last relay: let running lookups answer (their rows are then recorded), for
+        at most `timeout_s`; a stuck one is abandoned and its row recorded as `default`."""
+        if self._lookups is None:
+            return
+        wait(self._pending_lookups.copy(), timeout=timeout_s)
+        self._lookups.shutdown(wait=False, cancel_futures=True)
 
     async def handle(self, reader, writer, protocol, host: str, port: int,
                      context: ssl.SSLContext, project: str | None = None) -> None:
         """Take over a client connection whose CONNECT was just answered with 200."""
-        attribution = self.attribute(writer) if project is None else None
         try:
             await writer.start_tls(context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
@@ -116,7 +124,7 @@ class Interceptor:
                         "point SSL_CERT_FILE / NODE_EXTRA_CA_CERTS at the halton-meter CA bundle")
             close_quietly(writer)
             return
-        relay = Relay(self, reader, writer, protocol, host, port, project, attribution)
+        relay = Relay(self, reader, writer, protocol, host, port, project)
         self._relays.add(relay)
         try:
             await relay.run()

@@ -411,26 +411,28 @@ class Ledger:
             return
         rows = [item for item in items if isinstance(item, CallRow)]
         self._refresh_quietly(db)
-        for row in rows:
-            project = row.project or "default"
-            if project in self._aliases:
-                row.project = self._aliases[project]
+        self._resolve_aliases(rows)  # again inside the write transaction (_insert)
         rates = {id(row): self._price(row) for row in rows}
         bodies = {id(row): self._body_values(row) for row in rows if row.bodies is not None}
         for attempt in range(3):
             try:
                 self._insert(db, items, rates, bodies)
                 self.rows_written += len(rows)
-                if rows and self.on_commit is not None:
-                    self.on_commit()
-                return
+                break
             except sqlite3.OperationalError as exc:
                 log.error("ledger_write_failed rows=%d attempt=%d error=%r", len(rows), attempt + 1, exc)
                 time.sleep(RETRY_PAUSE_S * (attempt + 1))
             except Exception:  # noqa: BLE001 - a row sqlite rejects (constraint, unbindable value)
                 self._write_one_by_one(db, items, rates, bodies)
-                return
-        self._lose(len(rows))
+                break
+        else:
+            self._lose(len(rows))
+            return
+        if rows and self.on_commit is not None:
+            try:
+                self.on_commit()
+            except Exception:  # noqa: BLE001 - a listener's bug must not touch the rows
+                log.exception("ledger_on_commit_failed")
 
     def _write_one_by_one(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None],
                           bodies: dict[int, tuple | None]) -> None:
@@ -473,6 +475,12 @@ class Ledger:
         self._projects.clear()  # a merge may have removed a project row
         self.captures_bodies = self.bodies.enabled or any(self._body_overrides.values())
 
+    def _resolve_aliases(self, rows: list[CallRow]) -> None:
+        for row in rows:
+            project = row.project or "default"
+            if project in self._aliases:
+                row.project = self._aliases[project]
+
     def _refresh_quietly(self, db: sqlite3.Connection) -> None:
         try:
             self._refresh_project_settings(db)
@@ -497,8 +505,12 @@ class Ledger:
         new_batches: dict[str, str] = {}
         values = []
         body_values = []
-        db.execute("BEGIN")
+        # IMMEDIATE: no `project rename|merge` can commit between reading the aliases and
+        # writing rows that use them.
+        db.execute("BEGIN IMMEDIATE")
         try:
+            self._refresh_project_settings(db)
+            self._resolve_aliases([item for item in items if isinstance(item, CallRow)])
             for item in items:
                 if isinstance(item, AuditEvent):
                     write_audit(db, item.kind, item.detail)

@@ -444,9 +444,9 @@ class OtlpExporter:
             part = parts.popleft()
             status, retry_after, body = self._post(part)
             if 200 <= status < 300:
-                self._accepted = True
+                self._accepted = self._accepted or body is not None  # None: nothing was sent
                 unresolved.difference_update(row["id"] for row in part)
-                self._commit(db, [row["id"] for row in part], [], self._partial_rejections(body),
+                self._commit(db, [row["id"] for row in part], [], self._partial_rejections(body or b"{}"),
                              self._new_mark(rows, unresolved))
             elif status in _PAYLOAD_REJECTED and len(part) > 1:
                 parts.extendleft([part[len(part) // 2:], part[:len(part) // 2]])  # left half first
@@ -471,11 +471,11 @@ class OtlpExporter:
         unresolved.difference_update(row["id"] for row, _, _ in refused)
         self._commit(db, [], [row["id"] for row, _, _ in refused], 0, self._new_mark(rows, unresolved))
 
-    def _post(self, rows: list[dict]) -> tuple[int, str | None, bytes]:
+    def _post(self, rows: list[dict]) -> tuple[int, str | None, bytes | None]:
         # `init`/`doctor` self-test calls are deleted once checked: never the team's spend.
         rows = [row for row in rows if row["provider"] != SELFTEST_PROVIDER]
         if not rows:
-            return 200, None, b"{}"
+            return 200, None, None
         payload = build_payload(rows, self.settings, host_name=self.host_name, version=self.version)
         request = urllib.request.Request(self.settings.url, data=json.dumps(payload, separators=(",", ":")).encode(),
                                          headers=self._headers, method="POST")

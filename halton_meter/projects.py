@@ -85,10 +85,11 @@ def rename(db: sqlite3.Connection, old: str, new: str, *, out: TextIO) -> int:
 
 def merge(db: sqlite3.Connection, source: str, target: str, *, out: TextIO) -> int:
     """Fold SOURCE into TARGET: its calls move, its name becomes an alias, TARGET's settings stay."""
-    if source == target:
-        raise ProjectError("A project cannot be merged into itself. Name two different projects.")
     check_project(target)
     with _transaction(db):
+        target = _resolved(db, target)  # an old name: merge into what it became
+        if source == target:
+            raise ProjectError("A project cannot be merged into itself. Name two different projects.")
         _require(db, source)
         if not _exists(db, target):
             db.execute("INSERT INTO projects (name, created_at, body_capture) "

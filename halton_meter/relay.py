@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import ssl
+import threading
 import time
 from concurrent.futures import Future
 from http import HTTPStatus
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 INLINE_BODY_BYTES = 64 * 1024  # request bodies up to this size go out in one write with the head
 CLIENT_IDLE_TIMEOUT_S = 300.0
+# A row whose process lookup has not answered by then is recorded as `default` (the lookup's own
+# deadline is 0.5 s; this covers one stuck in a system call).
+LOOKUP_WAIT_S = 5.0
 # After answering before the client finished its upload, read and drop its remaining bytes this
 # long before closing: closing with unread data sends a TCP reset that can wipe the answer.
 UNREAD_BODY_DRAIN_S = 2.0
@@ -134,7 +138,7 @@ class Relay:
     """The request/response loop of one intercepted client connection."""
 
     def __init__(self, owner, reader, writer, protocol, host: str, port: int,
-                 project: str | None, attribution: Future | None = None) -> None:
+                 project: str | None) -> None:
         self.owner = owner  # the Interceptor: ledger, upstream trust and addresses, shutdown flag
         self.reader: asyncio.StreamReader = reader
         self.writer: asyncio.StreamWriter = writer
@@ -143,7 +147,11 @@ class Relay:
         # Attribution (attribution.py), highest first: the request's X-Halton-Project header, the
         # proxy credentials of `run --project` (this connection's), the calling process.
         self.project = slugify_project(project) if project else None
-        self.attribution = attribution  # the process lookup, running in a worker thread
+        # The process lookup, once per connection and only if a call needs it; it starts while
+        # the provider is working on the first such call, so it never competes with the
+        # handshake or the request for the CPU.
+        self.attribution: Future | None = None
+        self.lookup_started = False
         self.up_reader: asyncio.StreamReader | None = None
         self.up_writer: asyncio.StreamWriter | None = None
         self.idle = False  # waiting for the client's next request: shutdown may close it now
@@ -265,6 +273,8 @@ class Relay:
         """Hand the row to the ledger once its project is known; a process lookup still running
         records it when it ends (the response is already with the client: nothing waits)."""
         ledger = self.owner.ledger
+        if call.project_source is None:
+            self._start_lookup()  # the call failed before the provider answered; the socket is still open
         lookup = self.attribution
         if call.project_source is not None or lookup is None:
             call.project_source = call.project_source or "default"
@@ -273,7 +283,16 @@ class Relay:
             _attribute(call, lookup)
             ledger.record(call)
         else:
-            lookup.add_done_callback(lambda done: (_attribute(call, done), ledger.record(call)))
+            # Whichever comes first: the lookup's answer, or `default` once it has run too long
+            # (a process stuck in the kernel, a hung filesystem under its cwd).
+            pending = _PendingRow(call, ledger)
+            lookup.add_done_callback(pending.record)
+            asyncio.get_running_loop().call_later(LOOKUP_WAIT_S, pending.record, None)
+
+    def _start_lookup(self) -> None:
+        if not self.lookup_started:
+            self.lookup_started = True
+            self.attribution = self.owner.attribute(self.writer)
 
     def _adapter(self, head: RequestHead) -> Adapter:
         try:
@@ -443,6 +462,8 @@ class Relay:
                                 nothing_received=True) from exc
 
     async def _read_response_head(self, request: RequestHead, call: CallRow, t0: float) -> ResponseHead:
+        if call.project_source is None:
+            self._start_lookup()  # the request is on its way: the provider's think time is ours
         interim_seen = False
         while True:
             try:
@@ -555,6 +576,28 @@ class Relay:
                 remaining -= len(data)
                 await self._to_client(data, call)
                 tap_chunk(data)
+
+
+class _PendingRow:
+    """A row waiting for its process lookup; recorded exactly once, from either thread."""
+
+    __slots__ = ("call", "ledger", "lock", "recorded")
+
+    def __init__(self, call: CallRow, ledger) -> None:
+        self.call, self.ledger = call, ledger
+        self.lock = threading.Lock()
+        self.recorded = False
+
+    def record(self, lookup: Future | None) -> None:
+        with self.lock:
+            if self.recorded:
+                return
+            self.recorded = True
+        if lookup is not None:
+            _attribute(self.call, lookup)
+        else:
+            self.call.project_source = "default"
+        self.ledger.record(self.call)
 
 
 def _attribute(call: CallRow, lookup: Future) -> None:

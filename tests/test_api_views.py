@@ -409,3 +409,19 @@ def test_a_real_prometheus_scrapes_metrics(served, tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_metrics_count_a_call_that_reuses_the_id_of_a_deleted_self_test_row(views):
+    import sqlite3
+
+    views("/metrics")
+    seed(views.db_path, [row(60, project="selftest-x", model="m", ago_h=0, provider="selftest")])
+    views("/metrics")  # reads the self-test row's id, then the self-test deletes its row
+    db = sqlite3.connect(views.db_path)
+    db.execute("DELETE FROM calls WHERE provider = 'selftest'")
+    db.commit()
+    db.close()
+    seed(views.db_path, [row(61, project="alpha", model="claude-sonnet-4-5", ago_h=0)])  # same id again
+    families = parse_exposition(views("/metrics")[1].data.decode())
+    assert value(families, "halton_meter_calls_total", project="alpha") == 4
+    assert value(families, "halton_meter_calls_total", provider="selftest") == 0

@@ -374,3 +374,98 @@ def test_configured_origin_may_read_the_api_and_others_may_not(tmp_path):
                 assert response.getheader("Access-Control-Allow-Origin") == origin
     finally:
         assert stop_serve(proxy) == 0
+
+
+# --- review fixes: edges of the pieces above ----------------------------------------------
+
+
+def test_merge_into_an_old_name_merges_into_what_it_became(tmp_path):
+    from halton_meter import projects
+    from halton_meter.ledger import connect
+
+    db = connect(tmp_path / "db.sqlite")
+    for name in ("a", "x"):
+        db.execute("INSERT INTO projects (name, created_at) VALUES (?, 0)", (name,))
+        db.execute("INSERT INTO calls (call_id, started_at, host, method, path, outcome, is_stream, "
+                   "request_bytes, response_bytes, project) VALUES (?, 0, 'h', 'POST', '/', 'ok', 0, 0, 0, ?)",
+                   (f"call-{name}", name))
+    out = io.StringIO()
+    projects.rename(db, "a", "b", out=out)
+    projects.merge(db, "x", "a", out=out)  # `a` is now an alias of `b`
+    assert "into b" in out.getvalue()
+    assert sorted(db.execute("SELECT alias, project FROM project_aliases")) == [("a", "b"), ("x", "b")]
+    assert [r[0] for r in db.execute("SELECT name FROM projects")] == ["b"]
+    assert sorted(r[0] for r in db.execute("SELECT project FROM calls")) == ["b", "b"]
+    with pytest.raises(projects.ProjectError, match="into itself"):
+        projects.merge(db, "b", "a", out=out)
+
+
+def _capture(request: bytes, limit: int, total: int | None = None):
+    from halton_meter.bodies import BodyCapture
+
+    capture = BodyCapture([("content-type", "application/json")], limit)
+    capture.add_request(request)
+    if total is not None:
+        capture.request_bytes = total  # as if the rest had come past the capture bound
+    return capture
+
+
+def test_redaction_growing_a_body_past_the_limit_is_a_recorded_cut():
+    from halton_meter.bodies import stored_values
+
+    body = b"password=abc " + b"x" * 80 + b" END"
+    row = stored_values("c", 0.0, _capture(body, 100), 100)
+    stored, truncated = row[3], row[5]
+    assert len(body) <= 100 and truncated == 1 and len(stored.encode()) <= 100 and "abc" not in stored
+
+
+def test_a_secret_at_the_end_of_a_cut_capture_is_never_stored():
+    from halton_meter.bodies import stored_values
+
+    key = "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUvW"
+    kept = b"x" * 3000 + f" GEMINI key {key}".encode()[:-6]  # the capture ended mid-key
+    row = stored_values("c", 0.0, _capture(kept, 4096, total=100_000), 4096)
+    stored, truncated = row[3], row[5]
+    assert truncated == 1 and key[:20] not in stored and len(stored.encode()) <= len(kept) - 1024
+
+
+def test_stats_counts_stored_bytes_of_calls_without_a_body(tmp_path):
+    from halton_meter import bodies
+    from halton_meter.config import BodySettings
+    from halton_meter.ledger import connect
+
+    db = connect(tmp_path / "db.sqlite")
+    db.execute("INSERT INTO request_bodies VALUES ('get', 0, '[]', NULL, 0, 0, '[]', ?, 10, 0, '{}')", ("r" * 10,))
+    out = io.StringIO()
+    bodies.stats(db, BodySettings(), as_json=True, out=out)
+    assert json.loads(out.getvalue())["stored_bytes"] == 10 + 2 + 2
+
+
+def test_on_commit_failure_neither_loses_nor_duplicates_rows(tmp_path):
+    from halton_meter.ledger import CallRow, Ledger
+
+    ledger = Ledger(tmp_path / "db.sqlite")
+    ledger.on_commit = lambda: 1 / 0
+    ledger.start()
+    for n in range(3):
+        ledger.record(CallRow(call_id=f"c{n}", started_at=1.0, host="h", method="POST", path="/"))
+    ledger.close()
+    assert (ledger.rows_written, ledger.rows_lost) == (3, 0)
+    assert len(rows(tmp_path / "db.sqlite")) == 3
+
+
+def test_a_row_whose_lookup_never_answers_is_recorded_once_as_default():
+    from concurrent.futures import Future
+
+    from halton_meter.relay import _PendingRow
+
+    recorded = []
+    ledger = type("L", (), {"record": lambda self, call: recorded.append((call.project, call.project_source))})()
+    from halton_meter.ledger import CallRow
+
+    pending = _PendingRow(CallRow(call_id="c", started_at=1.0, host="h", method="POST", path="/"), ledger)
+    pending.record(None)  # the wait ran out
+    late = Future()
+    late.set_result(None)
+    pending.record(late)  # the lookup answers after all: ignored
+    assert recorded == [(None, "default")]
