@@ -26,6 +26,8 @@ MAX_BATCH_ROWS = 32
 RETRY_PAUSE_S = 0.2  # between attempts at a failed commit (a locked or briefly full disk)
 # When idle, how often the writer looks for `project` command changes (aliases, body capture).
 SETTINGS_POLL_S = 0.25
+# Captured bodies waiting for the writer; past this, new calls are recorded without theirs.
+MAX_QUEUED_BODY_BYTES = 64 * 1024 * 1024
 _STOP = object()
 
 
@@ -309,6 +311,9 @@ class Ledger:
         # reads it to skip capture entirely; the writer keeps it current.
         self.captures_bodies = self.bodies.enabled
         self.on_commit: Callable[[], None] | None = None  # called by the writer after rows commit
+        self.bodies_dropped = 0  # calls whose bodies were not kept because the writer was behind
+        self._queued_body_bytes = 0
+        self._bodies_lock = threading.Lock()
         self.rows_written = 0
         self.rows_lost = 0
         self._closed = False
@@ -336,6 +341,17 @@ class Ledger:
         if self._closed:
             self._lose(1)  # after shutdown: counted, never silently dropped
             return
+        if row.bodies is not None:
+            size = row.bodies.request_kept + row.bodies.response_kept
+            with self._bodies_lock:
+                if self._queued_body_bytes + size > MAX_QUEUED_BODY_BYTES:
+                    # The writer is behind: keep the row, not its bodies (counted, logged once).
+                    row.bodies = None
+                    self.bodies_dropped += 1
+                    if self.bodies_dropped == 1:
+                        log.warning("bodies_dropped reason=writer_behind queued_bytes=%d", self._queued_body_bytes)
+                else:
+                    self._queued_body_bytes += size
         self._queue.put(row)
 
     def audit(self, kind: str, **detail: object) -> None:
@@ -490,6 +506,8 @@ class Ledger:
     def _body_values(self, row: CallRow) -> tuple | None:
         """The redacted request_bodies row for `row`, or None when its project does not keep bodies."""
         capture, row.bodies = row.bodies, None  # the chunks are freed once stored
+        with self._bodies_lock:
+            self._queued_body_bytes -= capture.request_kept + capture.response_kept
         if not self._body_overrides.get(row.project or "default", self.bodies.enabled):
             return None
         try:

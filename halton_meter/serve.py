@@ -242,6 +242,7 @@ def _health(settings: Settings, server: ProxyServer, ledger: Ledger, port: int, 
             "ledger": str(settings.db_path),
             "rows_written": ledger.rows_written,
             "rows_lost": ledger.rows_lost,
+            "bodies_dropped": ledger.bodies_dropped,
             "export": exporter.status() if exporter is not None else None,
         }
     return health

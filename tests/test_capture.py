@@ -469,3 +469,21 @@ def test_a_row_whose_lookup_never_answers_is_recorded_once_as_default():
     late.set_result(None)
     pending.record(late)  # the lookup answers after all: ignored
     assert recorded == [(None, "default")]
+
+
+def test_bodies_are_dropped_not_queued_without_bound_when_the_writer_is_behind(tmp_path, monkeypatch):
+    from halton_meter import ledger as ledger_module
+    from halton_meter.config import BodySettings
+    from halton_meter.ledger import CallRow, Ledger
+
+    monkeypatch.setattr(ledger_module, "MAX_QUEUED_BODY_BYTES", 3000)
+    ledger = Ledger(tmp_path / "db.sqlite", bodies=BodySettings())
+    for n in range(3):  # queued before the writer starts: it is "behind"
+        call = CallRow(call_id=f"c{n}", started_at=1.0, host="h", method="POST", path="/")
+        call.bodies = _capture(b"x" * 1200, 4096)
+        ledger.record(call)
+    assert ledger.bodies_dropped == 1
+    ledger.start()
+    ledger.close()
+    assert ledger.rows_written == 3 and len(body_rows(tmp_path / "db.sqlite")) == 2
+    assert ledger._queued_body_bytes == 0
