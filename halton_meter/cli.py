@@ -405,20 +405,30 @@ def cmd_bodies(args: argparse.Namespace) -> int:
             db.close()
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _time_window(args: argparse.Namespace, command: str) -> tuple[float | None, float | None] | None:
+    """--since/--until as unix seconds (None where not given); None after a usage error."""
     import time
 
-    from halton_meter.export import export
-    from halton_meter.report import TimeError, open_ledger, parse_time
+    from halton_meter.report import TimeError, parse_time
 
-    settings = load_settings(resolve_home(args.export_home or args.home))
     now = time.time()
     try:
-        since = parse_time(args.since, now) if args.since else None
-        until = parse_time(args.until, now, flag="--until", end=True) if args.until else None
+        return (parse_time(args.since, now) if args.since else None,
+                parse_time(args.until, now, flag="--until", end=True) if args.until else None)
     except TimeError as exc:
-        print(f"halton-meter export: {exc}", file=sys.stderr)
+        print(f"halton-meter {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from halton_meter.export import export
+    from halton_meter.report import open_ledger
+
+    settings = load_settings(resolve_home(args.export_home or args.home))
+    window = _time_window(args, "export")
+    if window is None:
         return 2
+    since, until = window
     db = open_ledger(settings.db_path)
     try:
         out = open(args.output, "w", encoding="utf-8", newline="") if args.output else sys.stdout
@@ -514,19 +524,14 @@ def cmd_pricing_import(args: argparse.Namespace) -> int:
 
 def cmd_reprice(args: argparse.Namespace) -> int:
     import sqlite3
-    import time
 
-    from halton_meter.report import TimeError, parse_time
     from halton_meter.reprice import reprice
 
     settings = load_settings(resolve_home(args.reprice_home or args.home))
-    now = time.time()
-    try:
-        since = parse_time(args.since, now) if args.since else None
-        until = parse_time(args.until, now, flag="--until", end=True) if args.until else None
-    except TimeError as exc:
-        print(f"halton-meter: {exc}", file=sys.stderr)
+    window = _time_window(args, "reprice")
+    if window is None:
         return 2
+    since, until = window
     if not settings.db_path.exists():
         print("No captures yet: there is nothing to reprice.")
         return 0
