@@ -24,7 +24,6 @@ from halton_meter.edge import ProxyServer
 from halton_meter.handoff import HandoffError, HandoffReceiver
 from halton_meter.intercept import Interceptor, shrink_tls_read_buffers
 from halton_meter.ledger import Ledger
-from halton_meter.otlp import OtlpExporter
 from halton_meter.pricing import PriceTable, PricingError
 from halton_meter.tls.bundle import write_client_bundle
 from halton_meter.tls.ca import CertificateAuthority
@@ -103,6 +102,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
 
     exporter = None
     if settings.otlp is not None:  # opt-in: nothing leaves the machine without [export.otlp]
+        from halton_meter.otlp import OtlpExporter  # urllib and friends: only when configured
+
         exporter = OtlpExporter(settings.db_path, settings.otlp, version=__version__)
         exporter.start()
         ledger.on_commit = exporter.wake
@@ -206,7 +207,7 @@ async def _start_api(settings: Settings, routes: dict) -> ApiServer | None:
     return api
 
 
-def _gauges(server: ProxyServer, interceptor: Interceptor, ledger: Ledger, exporter: OtlpExporter | None):
+def _gauges(server: ProxyServer, interceptor: Interceptor, ledger: Ledger, exporter):
     started = time.time()
 
     def gauges() -> dict[str, float]:
@@ -226,7 +227,7 @@ def _gauges(server: ProxyServer, interceptor: Interceptor, ledger: Ledger, expor
 
 
 def _health(settings: Settings, server: ProxyServer, ledger: Ledger, port: int, handoff: Path | None,
-            exporter: OtlpExporter | None = None):
+            exporter=None):
     started = time.time()
 
     def health(_query: dict[str, list[str]]) -> tuple[int, dict]:

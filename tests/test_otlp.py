@@ -606,13 +606,15 @@ def test_serve_ships_real_calls_and_reports_export_health(tmp_path, fake, receiv
             conn = proxy.connection()
             conn.request("POST", "/v1/messages", body=messages_body(stream=stream),
                          headers={"content-type": "application/json", "x-halton-project": "team-a"})
-            assert conn.getresponse().status == 200
+            response = conn.getresponse()
+            assert response.status == 200 and response.read()  # the whole stream, so the call is complete
             conn.close()
         wait_for(lambda: sum(len(p.call_ids) for p in collector.posts) >= 2, timeout=20)
         spans = [span for post in collector.posts for span in _items(post.body)]
         attrs = [_attrs(span) for span in spans]
         assert {a["halton.project"] for a in attrs} == {"team-a"}
         assert {a["gen_ai.request.model"] for a in attrs} == {"claude-sonnet-4-5"}
+        assert {a["halton.outcome"] for a in attrs} == {"ok"}
         assert ("intValue", "9") in [a["gen_ai.usage.output_tokens"] for a in attrs]  # the fake's usage
         assert all(a["halton.cost_usd"][0] == "doubleValue" for a in attrs)
         assert collector.posts[0].headers["Authorization"] == f"Bearer {SECRET}"
