@@ -259,7 +259,17 @@ def connect(path: Path) -> sqlite3.Connection:
     """Open the ledger, creating and migrating it as needed (WAL, synchronous=NORMAL)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, timeout=10)
-    db.execute("PRAGMA journal_mode=WAL")
+    for attempt in range(100):
+        try:
+            # Switching a new file to WAL takes an exclusive lock that SQLite does not wait for
+            # (no busy handler): several processes opening it at once retry here.
+            db.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 99:
+                db.close()
+                raise
+            time.sleep(0.02)
     db.execute("PRAGMA synchronous=NORMAL")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
