@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Callable
 
 from halton_meter.api import Document, Handler
+from halton_meter.projects import attribution_sources
 from halton_meter.report import (
     COLUMN_GROUPINGS,
     Query,
     TimeError,
     build_report,
     cube_rows,
+    iso_local,
+    local_midnight,
     open_ledger,
     pairs,
     parse_time,
@@ -200,7 +203,7 @@ def calls_view(db: sqlite3.Connection | None, params: dict, now: float) -> dict:
 def _call(row: tuple) -> dict:
     call = dict(zip(CALL_COLUMNS, row))
     call["is_stream"], call["has_body"] = bool(call["is_stream"]), bool(call["has_body"])
-    call["started_at_iso"] = datetime.fromtimestamp(call["started_at"]).astimezone().isoformat(timespec="seconds")
+    call["started_at_iso"] = iso_local(call["started_at"])
     cost = call["cost_nanousd"]
     call["cost_usd"] = usd_string(cost) if cost is not None else None
     call["priced"] = cost is not None or call["unpriced_reason"] is None
@@ -214,11 +217,7 @@ def projects_view(db: sqlite3.Connection | None, params: dict, now: float) -> di
     spend = {row["key"]: row for row in report["groups"]["project"]}
     out = []
     if db is not None:
-        sources: dict[str, dict[str, int]] = {}
-        for project, source, count in db.execute(
-                "SELECT COALESCE(project, 'default'), COALESCE(project_source, 'unknown'), COUNT(*) FROM calls "
-                "WHERE started_at >= ? AND started_at < ? GROUP BY 1, 2", (query.since, query.until)):
-            sources.setdefault(project, {})[source] = count
+        sources = attribution_sources(db, query.since, query.until)
         last_seen = dict(db.execute("SELECT COALESCE(project, 'default'), MAX(started_at) FROM calls GROUP BY 1"))
         for name, created_at, body_capture in db.execute(
                 "SELECT name, created_at, body_capture FROM projects ORDER BY name"):
@@ -246,7 +245,6 @@ def models_view(db: sqlite3.Connection | None, params: dict, now: float) -> dict
                                         query.models))["unpriced"]["models"]:
         reasons.setdefault(entry["model"], entry["reason"])
     models = []
-    report = build_report(None, query)  # only for the window's ISO rendering, like the other views
     for (provider, model), parts in merged.items():
         calls, inp, read, write, out, cost, _dur_sum, _durs, unpriced = (
             sum(part[i] or 0 for part in parts) for i in range(9))
@@ -257,7 +255,7 @@ def models_view(db: sqlite3.Connection | None, params: dict, now: float) -> dict
             "unpriced_reason": reasons.get(model) if unpriced else None,
         })
     models.sort(key=lambda m: (-m["cost_nanousd"], -m["calls"], m["provider"] or "", m["model"] or ""))
-    return {"window": report["window"], "models": models}
+    return {"window": {"since": iso_local(query.since), "until": iso_local(query.until)}, "models": models}
 
 
 def timeseries_view(db: sqlite3.Connection | None, params: dict, now: float) -> dict:
@@ -305,7 +303,7 @@ def _bucket_starts(bucket: str, since: float, until: float) -> list[float]:
         return [float(t) for t in range(first, int(until) + 1, size) if t < until]
     day, last, starts = datetime.fromtimestamp(since).date(), datetime.fromtimestamp(until).date(), []
     while day <= last:
-        start = datetime(day.year, day.month, day.day).timestamp()
+        start = local_midnight(day)
         if start < until:
             starts.append(start)
         day += timedelta(days=1)
@@ -333,17 +331,12 @@ def _bucketed(db: sqlite3.Connection | None, query: Query, bucket: str, by: str)
         if (query.projects and name not in query.projects) or (query.models and model not in query.models):
             continue
         for row in db.execute(sql, (project, model, query.since, query.until, *query.providers)):
-            when = float(row[0]) if bucket != "day" else _local_midnight(row[0])
+            when = float(row[0]) if bucket != "day" else local_midnight(date.fromisoformat(row[0]))
             if key_column:
                 key, measures = row[1], row[2:]
             else:
                 key, measures = {"project": name, "model": model or "unknown", "none": "all"}[by], row[1:]
             yield (key, when, *measures)
-
-
-def _local_midnight(iso_day: str) -> float:
-    day = date.fromisoformat(iso_day)
-    return datetime(day.year, day.month, day.day).timestamp()
 
 
 # --- Prometheus -----------------------------------------------------------------------------

@@ -167,19 +167,18 @@ def sweep(db: sqlite3.Connection, retention_days: int, now: float) -> int:
 def stats(db: sqlite3.Connection | None, settings: BodySettings, *, as_json: bool, out: TextIO) -> int:
     """`bodies stats`: how much is stored, how much was cut, what redaction removed (`db` None:
     no ledger yet, so nothing)."""
-    if db is None:
-        db = sqlite3.connect(":memory:")
-        db.executescript("CREATE TABLE request_bodies (request_body, response_body, request_headers, "
-                         "response_headers, request_truncated, response_truncated, captured_at, redactions); "
-                         "CREATE TABLE projects (name, body_capture);")
-    calls, stored, truncated, oldest, newest = db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(COALESCE(LENGTH(CAST(request_body AS BLOB)), 0) + "
-        "COALESCE(LENGTH(CAST(response_body AS BLOB)), 0) + LENGTH(request_headers) + LENGTH(response_headers)), 0), "
-        "COALESCE(SUM(request_truncated + response_truncated), 0), MIN(captured_at), MAX(captured_at) "
-        "FROM request_bodies").fetchone()
-    counts = dict(db.execute(
-        "SELECT e.key, SUM(e.value) FROM request_bodies, json_each(request_bodies.redactions) e GROUP BY e.key"))
-    overrides = dict(db.execute("SELECT name, body_capture FROM projects WHERE body_capture IS NOT NULL"))
+    calls, stored, truncated, oldest, newest = 0, 0, 0, None, None
+    counts: dict[str, int] = {}
+    overrides: dict[str, int] = {}
+    if db is not None:
+        calls, stored, truncated, oldest, newest = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(COALESCE(LENGTH(CAST(request_body AS BLOB)), 0) + "
+            "COALESCE(LENGTH(CAST(response_body AS BLOB)), 0) + LENGTH(request_headers) + "
+            "LENGTH(response_headers)), 0), COALESCE(SUM(request_truncated + response_truncated), 0), "
+            "MIN(captured_at), MAX(captured_at) FROM request_bodies").fetchone()
+        counts = dict(db.execute("SELECT e.key, SUM(e.value) FROM request_bodies, "
+                                 "json_each(request_bodies.redactions) e GROUP BY e.key"))
+        overrides = dict(db.execute("SELECT name, body_capture FROM projects WHERE body_capture IS NOT NULL"))
     redactions = {name: counts.get(name, 0) for name in CATEGORIES}
     result = {
         "enabled": settings.enabled, "max_body_bytes": settings.max_body_bytes,

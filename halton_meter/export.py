@@ -10,10 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
-from datetime import datetime
 from typing import TextIO
 
-from halton_meter.report import usd_string
+from halton_meter.report import iso_local, usd_string
 
 EXPORT_COLUMNS = (
     "id", "call_id", "started_at", "started_at_iso", "project", "project_source", "provider", "model",
@@ -52,7 +51,7 @@ def export(db: sqlite3.Connection | None, fmt: str, out: TextIO, *, since: float
     count = 0
     for values in db.execute(f"SELECT {_SELECT} FROM calls{where} ORDER BY started_at, id", params):
         row = dict(zip(stored, values))
-        row["started_at_iso"] = datetime.fromtimestamp(row["started_at"]).astimezone().isoformat(timespec="milliseconds")
+        row["started_at_iso"] = iso_local(row["started_at"], "milliseconds")
         row["cost_usd"] = usd_string(row["cost_nanousd"]) if row["cost_nanousd"] is not None else None
         row["is_stream"] = bool(row["is_stream"])
         if writer is not None:

@@ -436,8 +436,9 @@ class Ledger:
         if not items:
             return
         rows = [item for item in items if isinstance(item, CallRow)]
-        self._refresh_quietly(db)
-        self._resolve_aliases(rows)  # again inside the write transaction (_insert)
+        # With the aliases as last read (idle polling keeps them fresh), for the body decision;
+        # _insert reads them again inside the write transaction, where it counts.
+        self._resolve_aliases(rows)
         rates = {id(row): self._price(row) for row in rows}
         bodies = {id(row): self._body_values(row) for row in rows if row.bodies is not None}
         for attempt in range(3):

@@ -26,11 +26,7 @@ def list_projects(db: sqlite3.Connection, *, as_json: bool, out: TextIO) -> int:
     spend = {name: (calls, cost or 0, unpriced, last) for name, calls, cost, unpriced, last in db.execute(
         "SELECT COALESCE(project, 'default'), COUNT(*), SUM(cost_nanousd), COUNT(unpriced_reason), "
         "MAX(started_at) FROM calls GROUP BY 1")}
-    sources: dict[str, dict[str, int]] = {}
-    for name, source, count in db.execute(
-            "SELECT COALESCE(project, 'default'), COALESCE(project_source, 'unknown'), COUNT(*) "
-            "FROM calls GROUP BY 1, 2"):
-        sources.setdefault(name, {})[source] = count
+    sources = attribution_sources(db)
     aliases: dict[str, list[str]] = {}
     for alias, project in db.execute("SELECT alias, project FROM project_aliases ORDER BY alias"):
         aliases.setdefault(project, []).append(alias)
@@ -64,6 +60,17 @@ def list_projects(db: sqlite3.Connection, *, as_json: bool, out: TextIO) -> int:
     if any(p["unpriced_calls"] for p in projects):
         out.write("* some calls are unpriced; `halton-meter report` says which models.\n")
     return 0
+
+
+def attribution_sources(db: sqlite3.Connection, since: float = 0.0,
+                        until: float = float("inf")) -> dict[str, dict[str, int]]:
+    """project -> {how its calls were attributed: count} for calls started in [since, until)."""
+    sources: dict[str, dict[str, int]] = {}
+    for name, source, count in db.execute(
+            "SELECT COALESCE(project, 'default'), COALESCE(project_source, 'unknown'), COUNT(*) FROM calls "
+            "WHERE started_at >= ? AND started_at < ? GROUP BY 1, 2", (since, until)):
+        sources.setdefault(name, {})[source] = count
+    return sources
 
 
 def rename(db: sqlite3.Connection, old: str, new: str, *, out: TextIO) -> int:

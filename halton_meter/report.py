@@ -213,7 +213,7 @@ def build_report(db: sqlite3.Connection | None, query: Query) -> dict:
     totals_out.update(projects=len(projects), models=len(models), duplicate_calls=usage.get("duplicate", 0))
     return {
         "schema": SCHEMA,
-        "window": {"since": _iso(query.since), "until": _iso(query.until)},
+        "window": {"since": iso_local(query.since), "until": iso_local(query.until)},
         "filters": {"project": list(query.projects), "provider": list(query.providers),
                     "model": list(query.models)},
         "totals": _order_totals(totals_out),
@@ -343,8 +343,8 @@ def _days(db: sqlite3.Connection, query: Query) -> list[tuple[date, tuple]]:
     last = datetime.fromtimestamp(query.until).date()
     out = []
     while day <= last:
-        start = max(query.since, _midnight(day))
-        end = min(query.until, _midnight(day + timedelta(days=1)))
+        start = max(query.since, local_midnight(day))
+        end = min(query.until, local_midnight(day + timedelta(days=1)))
         if start < end:
             measures = db.execute(sql, (start, end, *params)).fetchone()
             if measures[0]:
@@ -353,7 +353,7 @@ def _days(db: sqlite3.Connection, query: Query) -> list[tuple[date, tuple]]:
     return out
 
 
-def _midnight(day: date) -> float:
+def local_midnight(day: date) -> float:
     return datetime(day.year, day.month, day.day).timestamp()
 
 
@@ -552,8 +552,9 @@ def write_csv(data: dict, out: TextIO) -> None:
             writer.writerow([grouping] + ["" if row[f] is None else row[f] for f in CSV_FIELDS[1:]])
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+def iso_local(ts: float, timespec: str = "seconds") -> str:
+    """Unix seconds as local ISO-8601 with its offset: the time format of every JSON output."""
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec=timespec)
 
 
 def _local(ts: float) -> str:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterable, TextIO
 
-from halton_meter.report import NO_CAPTURES, _iso, _local, format_usd, open_ledger, usd_string
+from halton_meter.report import NO_CAPTURES, _local, iso_local, format_usd, open_ledger, usd_string
 
 FOLLOW_POLL_S = 0.5
 _TAIL_COLUMNS = (
@@ -91,7 +91,7 @@ def _tail_record(row: tuple) -> dict:
     (id_, call_id, started_at, project, provider, model, endpoint, client, status, outcome, error_type,
      usage_status, inp, read, write, output, cost, unpriced_reason, duration_ms) = row
     return {
-        "id": id_, "call_id": call_id, "started_at": _iso(started_at),
+        "id": id_, "call_id": call_id, "started_at": iso_local(started_at),
         "project": project if project is not None else "default", "provider": provider, "model": model,
         "endpoint": endpoint, "client": client, "status": status, "outcome": outcome,
         "error_type": error_type, "usage_status": usage_status, "input_tokens": inp,
