@@ -250,8 +250,53 @@ def _migrate_to_3(db: sqlite3.Connection) -> None:
     write_audit(db, "schema_migrated", {"to_version": 3})
 
 
+def _migrate_to_4(db: sqlite3.Connection) -> None:
+    """Budgets, model policies and the events they raise (budgets.py)."""
+    db.execute(
+        """CREATE TABLE budgets (
+            id INTEGER PRIMARY KEY,
+            project TEXT,  -- NULL: every project
+            provider TEXT,  -- NULL: every provider
+            period TEXT NOT NULL CHECK (period IN ('daily', 'weekly', 'monthly')),
+            limit_nanousd INTEGER NOT NULL CHECK (limit_nanousd > 0),
+            action TEXT NOT NULL CHECK (action IN ('warn', 'block')),
+            created_at REAL NOT NULL
+        )"""
+    )
+    # One budget per scope and period: `budget set` again replaces its amount and action.
+    db.execute("CREATE UNIQUE INDEX budgets_scope ON budgets (coalesce(project, ''), coalesce(provider, ''), period)")
+    db.execute(
+        """CREATE TABLE model_policies (
+            id INTEGER PRIMARY KEY,
+            project TEXT,  -- NULL: every project
+            kind TEXT NOT NULL CHECK (kind IN ('allow', 'deny')),
+            pattern TEXT NOT NULL,  -- a glob on the model name, case-insensitive
+            created_at REAL NOT NULL
+        )"""
+    )
+    db.execute("CREATE UNIQUE INDEX model_policies_rule ON model_policies (coalesce(project, ''), kind, pattern)")
+    db.execute(
+        """CREATE TABLE policy_events (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,  -- budget_warning | budget_exceeded | budget_blocking | call_blocked | model_blocked
+            budget_id INTEGER,
+            policy_id INTEGER,
+            project TEXT,
+            provider TEXT,
+            model TEXT,
+            period_start REAL,
+            spend_nanousd INTEGER,
+            limit_nanousd INTEGER,
+            message TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX policy_events_at ON policy_events (at)")
+    write_audit(db, "schema_migrated", {"to_version": 4})
+
+
 # Ordered: MIGRATIONS[n] takes the schema from version n to n + 1.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_to_1, _migrate_to_2, _migrate_to_3, _migrate_to_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -320,7 +365,8 @@ class Ledger:
         # Whether any call may need its bodies: on by default, or on for some project. The relay
         # reads it to skip capture entirely; the writer keeps it current.
         self.captures_bodies = self.bodies.enabled
-        self.on_commit: Callable[[], None] | None = None  # called by the writer after rows commit
+        # Called by the writer thread, in order, with each list of rows just committed.
+        self.commit_listeners: list[Callable[[list[CallRow]], None]] = []
         self.bodies_dropped = 0  # calls whose bodies were not kept because the writer was behind
         self._queued_body_bytes = 0
         self._bodies_lock = threading.Lock()
@@ -455,11 +501,12 @@ class Ledger:
         else:
             self._lose(len(rows))
             return
-        if rows and self.on_commit is not None:
-            try:
-                self.on_commit()
-            except Exception:  # noqa: BLE001 - a listener's bug must not touch the rows
-                log.exception("ledger_on_commit_failed")
+        if rows:
+            for listener in self.commit_listeners:
+                try:
+                    listener(rows)
+                except Exception:  # noqa: BLE001 - a listener's bug must not touch the rows
+                    log.exception("ledger_commit_listener_failed")
 
     def _write_one_by_one(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None],
                           bodies: dict[int, tuple | None]) -> None:

@@ -363,7 +363,7 @@ class OtlpExporter:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def wake(self) -> None:
+    def wake(self, rows: object = None) -> None:
         """New rows were committed: look now (a backoff still runs its course)."""
         self._wake.set()
 

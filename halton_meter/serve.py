@@ -106,7 +106,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
 
         exporter = OtlpExporter(settings.db_path, settings.otlp, version=__version__)
         exporter.start()
-        ledger.on_commit = exporter.wake
+        ledger.commit_listeners.append(exporter.wake)
     health = _health(settings, server, ledger, port, handoff, exporter)
     api = await _start_api(settings, api_views.routes(
         settings.db_path, _gauges(server, interceptor, ledger, exporter), health))
