@@ -162,7 +162,10 @@ def test_v1_ledger_migrates_to_the_full_schema_keeping_rows(tmp_path):
         "openai", "none", "none", 0)
     assert db.execute("SELECT name FROM projects").fetchall() == [("alpha",)]
     assert db.execute("SELECT kind, detail FROM audit_events").fetchall() == [
-        ("schema_migrated", '{"to_version": 2}'), ("schema_migrated", '{"to_version": 3}')]
+        ("schema_migrated", '{"to_version": 2}'), ("schema_migrated", '{"to_version": 3}'),
+        ("schema_migrated", '{"to_version": 4}')]
+    assert db.execute("SELECT COUNT(*) FROM budgets").fetchone() == (0,)
+    assert db.execute("SELECT COUNT(*) FROM policy_events").fetchone() == (0,)
     assert db.execute("SELECT project_source, exported_at FROM calls").fetchone() == (None, None)
     assert db.execute("SELECT body_capture FROM projects").fetchone() == (None,)
     assert db.execute("SELECT COUNT(*) FROM request_bodies").fetchone() == (0,)
