@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import ipaddress
 import logging
 import re
@@ -32,6 +31,9 @@ _HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
 
 
 class _ClientProtocol(asyncio.StreamReaderProtocol):
+# ASCII digits only, and few: str.isdigit() takes "²", which int() refuses, and int() refuses
+# over 4300 digits, both with a ValueError that names neither the target nor the fix.
+_PORT = re.compile(r"[0-9]{1,5}")
     """A stream protocol that tells its relay when the client connection is gone."""
 
     def __init__(self, reader: asyncio.StreamReader, handler) -> None:
@@ -198,7 +200,7 @@ def _provider(host: str, port: int) -> str | None:
 def parse_authority(target: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` from a CONNECT line; ValueError with a clear message."""
     host, sep, port_text = target.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
         raise ValueError(f"CONNECT target {target[:80]!r} is not host:port.")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -206,7 +208,7 @@ def parse_authority(target: str) -> tuple[str, int]:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"CONNECT target {target[:80]!r} has an invalid IPv6 address.") from None
-    elif not _HOST_NAME.match(host) or ".." in host:
+    elif not _HOST_NAME.fullmatch(host) or ".." in host:  # fullmatch: `$` alone lets a final LF by
         raise ValueError(f"CONNECT target {target[:80]!r} has an invalid host name.")
     return host, int(port_text)
 
@@ -219,7 +221,7 @@ def proxy_user(head: RequestHead) -> str | None:
         return None
     try:
         user = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")[0]
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and a token that is not ASCII ("²")
         return None
     return user or None
 

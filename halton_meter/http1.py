@@ -124,13 +124,17 @@ def parse_request_head(raw: bytes) -> RequestHead:
 
 def parse_response_head(raw: bytes) -> ResponseHead:
     """Parse a response head ending in CRLF CRLF; keeps `raw` for byte-for-byte forwarding."""
-    start_line, headers = _split_head(raw)
+    try:
+        start_line, headers = _split_head(raw)
+    except ProtocolError as exc:
+        raise ProtocolError(str(exc), 502) from None  # a broken upstream head: our client gets 502
     parts = start_line.split(" ", 2)
     if len(parts) < 2:
         raise ProtocolError(f"malformed status line {start_line[:80]!r}", 502)
     version, status_text = parts[0], parts[1]
     _check_version(version, status=502)
-    if len(status_text) != 3 or not status_text.isdigit():
+    # RFC 9110 15: the first digit is the class, 1 to 5 (600-999 pass: clients treat them as 5xx).
+    if len(status_text) != 3 or not _is_ascii_digits(status_text) or status_text[0] == "0":
         raise ProtocolError(f"malformed status code {status_text[:10]!r}", 502)
     return ResponseHead(version, int(status_text), parts[2] if len(parts) == 3 else "", headers, raw)
 
@@ -241,6 +245,10 @@ class ChunkedDecoder:
         if not line.endswith(b"\r"):
             raise ProtocolError("chunked framing line not terminated by CRLF")
         line = line[:-1]
+        if b"\r" in line or b"\x00" in line:
+            # RFC 9112 2.2: a bare CR is invalid. The line is relayed raw, and an upstream that
+            # ends lines at a bare CR would read different framing than we did.
+            raise ProtocolError("bare CR or NUL in a chunked framing line")
         if self._state == self._SIZE:
             size_text = line.split(b";", 1)[0].rstrip(b" \t")
             if not size_text or len(size_text) > 16 or not all(c in _HEX_DIGITS for c in size_text):
@@ -305,6 +313,11 @@ def _content_length(values: list[str], status: int) -> int:
     if len(parts) != 1:
         raise ProtocolError("conflicting Content-Length values", status)
     text = parts.pop()
-    if not text.isdigit() or len(text) > 18:
+    if not _is_ascii_digits(text) or len(text) > 18:
         raise ProtocolError(f"invalid Content-Length {text[:20]!r}", status)
     return int(text)
+
+
+def _is_ascii_digits(text: str) -> bool:
+    # str.isdigit() also accepts "²" and other Latin-1 digits that int() refuses with a ValueError.
+    return text.isascii() and text.isdigit()

@@ -76,9 +76,10 @@ class JsonArraySplitter:
                     if quote == end or buffer[quote] != _QUOTE:
                         quote = -1
                 if quote < 0:
-                    # The string continues in the next chunk. A trailing run of backslashes is
-                    # scanned again then: whether it escapes a quote depends on its length.
-                    pos = _backslash_run_start(buffer, end)
+                    # The string continues in the next chunk. Only a final unpaired backslash is
+                    # scanned again (it escapes the next chunk's first byte): keeping or walking
+                    # back over the whole run made a string of backslashes quadratic and unbounded.
+                    pos = end - _trailing_backslashes(buffer, pos, end) % 2
                     break
                 self._in_string = False
                 pos = quote + 1
@@ -132,6 +133,10 @@ class JsonArraySplitter:
     def _trim(self) -> None:
         """Forget the bytes no element needs; skip an element that outgrew the bound."""
         buffer = self._buffer
+        if self._finished:
+            buffer.clear()  # the rest of the chunk that closed the array: ignored, so not kept
+            self._scan = 0
+            return
         if self._element_start >= 0 and not self._skipping:
             if len(buffer) - self._element_start > self.max_element_bytes:
                 self._skipping = True
@@ -151,11 +156,12 @@ class JsonArraySplitter:
 
 def _is_escaped(buffer: bytearray, quote: int) -> bool:
     """True when the quote at `quote` follows an odd run of backslashes (`\\"`, not `\\\\"`)."""
-    return (quote - _backslash_run_start(buffer, quote)) % 2 == 1
+    return _trailing_backslashes(buffer, 0, quote) % 2 == 1
 
 
-def _backslash_run_start(buffer: bytearray, end: int) -> int:
-    start = end
-    while start > 0 and buffer[start - 1] == _BACKSLASH:
-        start -= 1
-    return start
+def _trailing_backslashes(buffer: bytearray, start: int, end: int) -> int:
+    """How many backslashes end `buffer[start:end]`."""
+    run = end
+    while run > start and buffer[run - 1] == _BACKSLASH:
+        run -= 1
+    return end - run

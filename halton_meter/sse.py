@@ -37,7 +37,9 @@ class SSEDecoder:
         self._discarding_line = False  # dropping the rest of an oversized line
         self._skipping_event = False  # dropping lines up to the next blank line
         self._event_type = ""
-        self._data: list[str] = []
+        # The event's data lines joined by LF, as bytes: a list of one str per line would cost
+        # ~50 bytes per short line, and a stream of tiny data lines would pass the bound 8-fold.
+        self._data: bytearray | None = None
         self._data_bytes = 0
         self._last_event_id: str | None = None
 
@@ -102,31 +104,34 @@ class SSEDecoder:
             return
         if buffer[start] == 0x3A:  # ":" starts a comment (§9.2.6)
             return
-        # Decoding whole lines (never chunks) keeps split multi-byte characters intact.
-        line = buffer[start:end].decode("utf-8", "replace")
-        name, _, value = line.partition(":")
-        if value[:1] == " ":
+        # Values are decoded whole (never per chunk), which keeps split multi-byte characters
+        # intact; LF never occurs inside a UTF-8 sequence, so joined data decodes like its lines.
+        name, _, value = buffer[start:end].partition(b":")
+        if value[:1] == b" ":
             value = value[1:]
-        if name == "data":
+        if name == b"data":
             self._data_bytes += end - start
             if self._data_bytes > self.max_event_bytes:
                 self._drop_event()
+            elif self._data is None:
+                self._data = value
             else:
-                self._data.append(value)
-        elif name == "event":
-            self._event_type = value
-        elif name == "id":
-            if "\0" not in value:
-                self._last_event_id = value
+                self._data += b"\n"
+                self._data += value
+        elif name == b"event":
+            self._event_type = value.decode("utf-8", "replace")
+        elif name == b"id":
+            if b"\0" not in value:
+                self._last_event_id = value.decode("utf-8", "replace")
         # "retry" and unknown fields are ignored: a metering copy never reconnects.
 
     def _dispatch(self, events: list[Event]) -> None:
         if self._skipping_event:
             self._skipping_event = False
-        elif self._data:
+        elif self._data is not None:
             # §9.2.6: the last event ID buffer is not reset on dispatch; it lasts until the
             # server sends another id: field.
-            data = "\n".join(self._data)
+            data = self._data.decode("utf-8", "replace")
             events.append(Event(self._event_type or "message", data, self._last_event_id))
         # An event with no data field dispatches nothing but still resets its type (§9.2.6).
         self._reset_event()
@@ -139,5 +144,5 @@ class SSEDecoder:
 
     def _reset_event(self) -> None:
         self._event_type = ""
-        self._data = []
+        self._data = None
         self._data_bytes = 0
