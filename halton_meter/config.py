@@ -66,6 +66,10 @@ class Settings:
     attribution_rules: tuple[Rule, ...] = ()
     # [export.otlp]: ship every call to an OpenTelemetry collector (otlp.py); None: off, the default
     otlp: OtlpSettings | None = None
+    # [budgets]: a desktop notification for budget events where the platform has one, and the
+    # share of a budget that raises the early warning (budgets.py)
+    budget_notify: bool = True
+    budget_warn_at_percent: int = 80
 
     @property
     def db_path(self) -> Path:
@@ -131,6 +135,25 @@ def load_settings(
     return settings
 
 
+def make_private_dir(path: Path) -> Path:
+    """`mkdir -p path`, each directory it creates 0700: the home holds the ledger with captured
+    bodies, the CA key and the hand-off socket, whoever creates it first and whatever the umask.
+    Directories that exist already are left as they are (`status` reports a loose home)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another process got there first: its own call made it private
+        os.chmod(directory, 0o700)  # a umask can only take bits away; this also covers odd umasks
+    return path
+
+
 def parse_upstream(text: str) -> tuple[str, tuple[str, int]]:
     """`HOST=ADDR:PORT` -> (host, (addr, port))."""
     host, sep, target = text.partition("=")
@@ -192,6 +215,10 @@ def _bodies(table: dict, path: Path) -> BodySettings:
     return BodySettings(enabled=_flag(table, "enabled", True, path), **limits)
 
 
+_PROXY_KEYS = frozenset({"port", "listen", "connect_timeout_s", "shutdown_grace_s", "upstream_ca", "upstreams"})
+_API_KEYS = frozenset({"port", "allowed_origins"})
+
+
 def _from_file(home: Path) -> Settings:
     path = home / "config.toml"
     settings = Settings(home=home)
@@ -203,7 +230,9 @@ def _from_file(home: Path) -> Settings:
         raise ConfigError(f"{path} is not valid TOML ({exc}). Fix or remove the file.") from exc
     proxy, api = data.get("proxy", {}), data.get("api", {})
     bodies, attribution = data.get("bodies", {}), data.get("attribution", {})
-    for name, table in (("proxy", proxy), ("api", api), ("bodies", bodies), ("attribution", attribution)):
+    budgets = data.get("budgets", {})
+    for name, table in (("proxy", proxy), ("api", api), ("bodies", bodies), ("attribution", attribution),
+                        ("budgets", budgets)):
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: [{name}] must be a table. See the README's configuration section.")
     from halton_meter.attribution import parse_rules  # it raises ConfigError, defined here
@@ -213,6 +242,20 @@ def _from_file(home: Path) -> Settings:
         raise ConfigError(f"{path}: [attribution] has no setting {sorted(unknown)[0]!r}; "
                           "use process_lookup or [[attribution.rules]].")
 
+    for name, table, known in (("proxy", proxy, _PROXY_KEYS), ("api", api, _API_KEYS)):
+        unknown = set(table) - known
+        if unknown:
+            # A typo, or a setting that does not exist (an [api] listen address, say), must not
+            # be silently ignored.
+            raise ConfigError(f"{path}: [{name}] has no setting {sorted(unknown)[0]!r}; "
+                              f"use {', '.join(sorted(known))}.")
+    unknown = set(budgets) - {"notify", "warn_at_percent"}
+    if unknown:
+        raise ConfigError(f"{path}: [budgets] has no setting {sorted(unknown)[0]!r}; use notify or warn_at_percent.")
+    warn_at = budgets.get("warn_at_percent", 80)
+    if type(warn_at) is not int or not 1 <= warn_at <= 99:
+        raise ConfigError(f"{path}: [budgets] warn_at_percent must be a whole number from 1 to 99, not {warn_at!r}.")
+    settings = replace(settings, budget_notify=_flag(budgets, "notify", True, path), budget_warn_at_percent=warn_at)
     settings = replace(settings, bodies=_bodies(bodies, path),
                        process_lookup=_flag(attribution, "process_lookup", True, path),
                        attribution_rules=parse_rules(attribution.get("rules"), where=str(path)))

@@ -17,7 +17,7 @@ import socket
 import sys
 from typing import Callable, TextIO
 
-from halton_meter.config import Settings
+from halton_meter.config import Settings, make_private_dir
 from halton_meter.edge import ProxyServer
 from halton_meter.handoff import HandoffSender
 
@@ -61,7 +61,7 @@ async def run_edge(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.E
                    on_ready: Callable[[int], None] | None = None, *, search_port: bool = True) -> int:
     listener = bind_listener(settings.listen, settings.port, search=search_port)
     port = listener.getsockname()[1]
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.run_dir)
     (settings.run_dir / "edge.port").write_text(f"{port}\n")
     direct = ProxyServer(None, listen=settings.listen, port=port, upstreams=settings.upstreams,
                          connect_timeout_s=settings.connect_timeout_s)

@@ -12,12 +12,16 @@ Request headers steer it (all optional):
   x-fake-delay-ms: N     pause between streamed events (default 10)
   x-fake-events: N       text deltas in a stream (default 5)
   x-fake-hold-s: S       after the first streamed event, hold the rest back S seconds
+  x-fake-comment-bytes: N  an SSE comment line of N bytes before each streamed event (a long
+                         stream with exact usage, made as it is sent)
   x-fake-status: NNN     answer with this status and the provider's error body
   x-fake-chunked: 1      non-streaming body with chunked transfer coding instead of a length
   x-fake-close: 1        close-delimited body (no length, no chunks)
   x-fake-invalid-json: 1 a JSON content type with a body that is not JSON
   x-fake-reset-after: N  send N body bytes, then reset the connection
   x-fake-body-bytes: N   non-streaming body padded to about N bytes
+  x-fake-echo: 1         Anthropic Messages: the reply's text is the last message's text, as a
+                         model repeating its prompt would (streamed: one more delta, first)
 Misbehaviours, for the proxy's defences:
   x-fake-hangup: 1       read the request, then close without answering (`reset`: with a reset)
   x-fake-extra: TEXT     send TEXT after a complete response (a framing violation)
@@ -118,8 +122,8 @@ class FakeProvider:
                 self.requests_served += 1
                 if not await self._answer(head, reader, writer, on_this_connection):
                     return
-        except (ConnectionError, ProtocolError, OSError):
-            return
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError, OSError):
+            return  # the proxy dropped the connection mid-request (mid-body, say)
         except asyncio.CancelledError:
             return  # close(): ending normally spares asyncio's "exception in callback" noise
         finally:
@@ -169,10 +173,14 @@ class FakeProvider:
             request["stream"] = ":streamGenerateContent" in head.target
         if request.get("stream") is True:
             frames, content_type = _STREAMS[dialect](request, head.target, int(options.get("x-fake-events", "5")))
+            if options.get("x-fake-echo") and dialect == "anthropic":
+                frames.insert(3, _anthropic_delta(_last_message_text(request)))  # after start, block, ping
             return await _stream(writer, frames, content_type, options, base)
         if options.get("x-fake-invalid-json"):
             return await _send(writer, head, 200, b'{"id": "msg_broken", "usage": ', "application/json", base, options)
         payload = _BODIES[dialect](request, int(options.get("x-fake-body-bytes", "0")))
+        if options.get("x-fake-echo") and dialect == "anthropic":
+            payload["content"][0]["text"] = _last_message_text(request)
         encoded = json.dumps(payload).encode()
         if "gzip" in (head.headers.get("accept-encoding") or ""):
             base.append(("Content-Encoding", "gzip"))
@@ -285,8 +293,11 @@ async def _stream(writer, frames: list[bytes], content_type: str, options: dict,
     writer.write(_head(200, [("Content-Type", content_type), ("Cache-Control", "no-cache"),
                              ("Transfer-Encoding", "chunked"), *headers]))
     reset_after = options.get("x-fake-reset-after")
+    padding = int(options.get("x-fake-comment-bytes", "0"))
+    # Providers pad streams with comment lines too (keep-alives); SSE parsers skip them.
+    comment = b": " + b"p" * padding + b"\n" if padding else b""
     for index, frame in enumerate(frames):
-        writer.write(_chunk(frame))
+        writer.write(_chunk(comment + frame))
         await writer.drain()
         if reset_after is not None and index + 1 >= int(reset_after):
             _reset(writer)
@@ -337,15 +348,28 @@ def _anthropic_stream(request: dict, target: str, count: int) -> tuple[list[byte
         _sse("content_block_start", {"type": "content_block_start", "index": 0,
                                      "content_block": {"type": "text", "text": ""}}),
         _sse("ping", {"type": "ping"})]
-    frames += [_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                            "delta": {"type": "text_delta", "text": f"word{i} "}})
-               for i in range(count)]
+    frames += [_anthropic_delta(f"word{i} ") for i in range(count)]
     frames += [_sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
                _sse("message_delta", {"type": "message_delta",
                                       "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                       "usage": {"output_tokens": count + 1}}),
                _sse("message_stop", {"type": "message_stop"})]
     return frames, "text/event-stream"
+
+
+def _anthropic_delta(text: str) -> bytes:
+    return _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": {"type": "text_delta", "text": text}})
+
+
+def _last_message_text(request: dict) -> str:
+    """The text of the request's last message: a string, or its text blocks joined."""
+    messages = request.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    content = last.get("content") if isinstance(last, dict) else None
+    if isinstance(content, list):
+        return "".join(block.get("text", "") for block in content if isinstance(block, dict))
+    return content if isinstance(content, str) else ""
 
 
 def _chat_usage(count: int) -> dict:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+import struct
 import time
 from collections import deque
 from pathlib import Path
@@ -50,7 +51,7 @@ class HandoffReceiver:
         loop = asyncio.get_running_loop()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.path.exists():
-            if _is_listening(self.path):
+            if is_listening(self.path):
                 raise HandoffError(f"Another metering daemon is listening on {self.path}. "
                                    "Stop it first (halton-meter stop), or use another --home.")
             self.path.unlink()  # left by a daemon that died
@@ -228,6 +229,10 @@ class HandoffSender:
                 try:
                     async with asyncio.timeout(PING_TIMEOUT_S):
                         await loop.sock_connect(sock, str(self.path))
+                    if not _is_same_user(sock, self.path):
+                        log.warning("handoff_refused reason=daemon_of_another_user path=%s action=direct",
+                                    self.path)
+                        raise PermissionError(f"{self.path} is served by another user")
                 except BaseException:
                     sock.close()
                     raise
@@ -312,7 +317,7 @@ class HandoffSender:
                 sock.close()
 
 
-def _is_listening(path: Path) -> bool:
+def is_listening(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(0.5)
@@ -324,12 +329,27 @@ def _is_listening(path: Path) -> bool:
         probe.close()
 
 
+def _is_same_user(sock: socket.socket, path: Path) -> bool:
+    """Whether the process listening at the other end of `sock` runs as this user. Anyone who can
+    write the run directory could listen on the hand-off path and be handed every client
+    connection; the kernel's word (SO_PEERCRED, Linux) settles who it is, else the socket file's
+    owner does."""
+    if hasattr(socket, "SO_PEERCRED"):
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", credentials)
+    else:
+        uid = os.stat(path).st_uid
+    return uid == os.getuid()
+
+
 def ping(path: Path, timeout_s: float = 0.5) -> bool:
     """A blocking health check of the daemon's hand-off channel, for `status` and `doctor`."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(timeout_s)
         probe.connect(str(path))
+        if not _is_same_user(probe, path):
+            return False
         probe.sendall(b"P")
         return probe.recv(1) == b"p"
     except OSError:

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 from urllib.parse import unquote
 
 from halton_meter.adapters.base import BILL_FREE, BILL_NONE, BILL_TOKENS, Usage
+from halton_meter.config import make_private_dir
 
 IMPORTED_FILE = "pricing-imported.json"
 LAYER_BUNDLED, LAYER_IMPORTED, LAYER_CONFIG = "bundled", "imported", "config"
@@ -780,7 +781,7 @@ def dumps_exact(value: object, level: int = 0) -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:

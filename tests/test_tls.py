@@ -112,12 +112,21 @@ def test_ca_files_modes_and_extensions(ca: CertificateAuthority) -> None:
     assert "Certificate Sign, CRL Sign" in text
     assert "prime256v1" in text and "ecdsa-with-SHA256" in text
     assert "X509v3 Name Constraints: critical" in text
-    permitted = text.split("Permitted:")[1].split("Signature Algorithm")[0]
+    permitted, excluded = text.split("Permitted:")[1].split("Signature Algorithm")[0].split("Excluded:")
     assert sorted(line.strip().removeprefix("DNS:") for line in permitted.split("\n") if line.strip()) \
         == sorted(PROVIDER_HOSTS)
-    assert "Excluded" not in text
+    assert [line.strip() for line in excluded.split("\n") if line.strip()] == [
+        "IP:0.0.0.0/0.0.0.0", "IP:0:0:0:0:0:0:0:0/0:0:0:0:0:0:0:0"]
     assert 3649 < validity_days(ca.ca_cert_path) < 3651
-    assert (ca.directory / "hosts.txt").read_text().split("\n")[:-1] == sorted(PROVIDER_HOSTS)
+    assert (ca.directory / "hosts.txt").read_text().split("\n")[:-1] == ["constraints=2", *sorted(PROVIDER_HOSTS)]
+
+
+def test_a_ca_with_older_constraints_is_rebuilt(ca: CertificateAuthority) -> None:
+    before = ca.fingerprint_sha256
+    hosts = ca.hosts_path.read_text().splitlines()
+    ca.hosts_path.write_text("".join(f"{h}\n" for h in hosts[1:]))  # as written before the IP exclusions
+    assert ca.pending_rebuild() == "constraints_changed"
+    assert ca.ensure() is True and ca.fingerprint_sha256 != before and ca.pending_rebuild() is None
 
 
 def test_fingerprint_is_sha256_of_der(ca: CertificateAuthority) -> None:

@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from halton_meter.config import Settings
+from halton_meter.config import Settings, make_private_dir
 from halton_meter.tls.ca import write_atomically
 
 MODES = ("run", "apps", "full")  # init, init --apps, init --full
@@ -43,7 +43,7 @@ def load_state(settings: Settings) -> InstallState | None:
 
 
 def save_state(settings: Settings, state: InstallState) -> None:
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.home)
     data = json.dumps(asdict(state), indent=2, sort_keys=True).encode() + b"\n"
     write_atomically(state_path(settings), data, 0o600)
 

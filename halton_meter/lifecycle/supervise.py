@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from halton_meter.config import Settings, resolve_home
+from halton_meter.config import Settings, make_private_dir, resolve_home
 
 log = logging.getLogger("halton_meter.lifecycle.supervise")  # also when run as __main__
 
@@ -380,7 +380,7 @@ class LaunchdSupervisor(Supervisor):
     def install(self, commands: dict[str, list[str]]) -> list[str]:
         commands = _checked(commands)
         self._persist(commands)
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)  # launchd will not create it
+        make_private_dir(self.settings.log_dir)  # launchd will not create it
         env = service_environment(self.settings)
         lines = []
         for service in SERVICES:
@@ -663,8 +663,8 @@ class DetachedSupervisor(Supervisor):
         return pid if parent is None or parent == keeper else None
 
     def _spawn_keeper(self) -> subprocess.Popen:
-        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.settings.run_dir)
+        make_private_dir(self.settings.log_dir)
         env = dict(os.environ)
         env.update(service_environment(self.settings))
         if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
@@ -732,8 +732,8 @@ class Keeper:
         self.wakeup = -1
 
     def run(self) -> int:
-        self.settings.run_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.log_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.settings.run_dir)
+        make_private_dir(self.settings.log_dir)
         lock = _try_lock(_lock_path(self.settings))
         if lock is None:
             other = _read_pid(_pid_path(self.settings, "keeper"))

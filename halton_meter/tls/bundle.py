@@ -10,6 +10,7 @@ from __future__ import annotations
 import pathlib
 import ssl
 
+from halton_meter.config import make_private_dir
 from halton_meter.tls.ca import write_atomically
 
 # Debian/Ubuntu/Alpine, Fedora/RHEL, macOS; tried after the paths OpenSSL was built with.
@@ -50,7 +51,7 @@ def write_client_bundle(ca_cert: pathlib.Path, dest: pathlib.Path, *,
         if dest.stat().st_mode & 0o777 != 0o644:
             dest.chmod(0o644)
     else:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(dest.parent)
         write_atomically(dest, content, 0o644)
     return dest
 

@@ -48,8 +48,12 @@ CN = {common_name}
 basicConstraints = critical, CA:TRUE, pathlen:0
 keyUsage = critical, keyCertSign, cRLSign
 subjectKeyIdentifier = hash
-nameConstraints = critical, {permitted}
+nameConstraints = critical, {constraints}
 """
+# RFC 5280 4.2.1.10: a CA with only DNS constraints may still vouch for any IP address, so every
+# address is excluded. Bumped whenever the constraints change: an older CA is rebuilt.
+_EXCLUDED_IPS = "excluded;IP:0.0.0.0/0.0.0.0, excluded;IP:0:0:0:0:0:0:0:0/0:0:0:0:0:0:0:0"
+CONSTRAINTS_VERSION = 2
 
 _LEAF_CONFIG = """\
 [req]
@@ -137,6 +141,11 @@ class CertificateAuthority:
         if not (self.ca_key_path.is_file() and self.ca_cert_path.is_file() and self.hosts_path.is_file()):
             return "created"  # hosts.txt is written last, so its absence also marks a crashed build
         recorded = tuple(self.hosts_path.read_text("ascii").split())
+        version = recorded[0].removeprefix("constraints=") if recorded and recorded[0].startswith("constraints=") else "1"
+        recorded = tuple(word for word in recorded if not word.startswith("constraints="))
+        if version != str(CONSTRAINTS_VERSION):
+            log.warning("ca_rebuild reason=constraints_changed from=%s to=%s", version, CONSTRAINTS_VERSION)
+            return "constraints_changed"
         if recorded != self.hosts:
             log.warning("ca_rebuild reason=hosts_changed added=%s removed=%s",
                         ",".join(sorted(set(self.hosts) - set(recorded))) or "-",
@@ -160,13 +169,14 @@ class CertificateAuthority:
         self._new_key(self.ca_key_path)
         common_name = f"halton-meter local CA ({_machine_name()}) {secrets.token_hex(4)}"
         permitted = ", ".join(f"permitted;DNS:{host}" for host in self.hosts)
-        config = _CA_CONFIG.format(common_name=common_name, permitted=permitted)
+        config = _CA_CONFIG.format(common_name=common_name, constraints=f"{permitted}, {_EXCLUDED_IPS}")
         with self._config_file(config) as config_path:
             cert = self._openssl("req", "-new", "-x509", "-config", config_path, "-extensions", "ca_ext",
                                  "-key", self.ca_key_path, "-sha256", "-days", str(CA_VALIDITY_DAYS),
                                  "-set_serial", _random_serial())
         write_atomically(self.ca_cert_path, cert, 0o644)
-        write_atomically(self.hosts_path, "".join(f"{h}\n" for h in self.hosts).encode("ascii"), 0o644)
+        record = "".join(f"{line}\n" for line in (f"constraints={CONSTRAINTS_VERSION}", *self.hosts))
+        write_atomically(self.hosts_path, record.encode("ascii"), 0o644)
         log.info("ca_%s dir=%s fingerprint=%s hosts=%d", reason if reason == "created" else "rebuilt",
                  self.directory, self.fingerprint_sha256, len(self.hosts))
 
