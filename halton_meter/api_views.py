@@ -416,6 +416,9 @@ _GAUGES = {
     "halton_meter_ledger_rows_written_total": ("counter", "Rows this daemon wrote since it started."),
     "halton_meter_ledger_rows_lost_total": ("counter", "Rows this daemon could not write since it started."),
     "halton_meter_unmetered_connections_total": ("counter", "Provider connections tunnelled without metering."),
+    "halton_meter_ledger_rows_waiting": ("gauge", "Rows held in memory while the database refuses writes."),
+    "halton_meter_ledger_rows_spooled_total": ("counter", "Rows moved to the spool since the daemon started."),
+    "halton_meter_policy_refusals_total": ("counter", "Calls refused by a budget or model rule since start."),
     "halton_meter_export_pending_rows": ("gauge", "Ledger rows not yet shipped to the OTLP collector."),
     "halton_meter_export_consecutive_failures": ("gauge", "Failed OTLP shipments in a row (0: healthy)."),
 }

@@ -154,6 +154,50 @@ def _ledger_commands(commands) -> None:
     setting.add_argument("value", choices=["on", "off", "default"])
     setting.set_defaults(func=cmd_project, action="set")
 
+    budget = commands.add_parser(
+        "budget", help="spend limits per period, project and provider: warn or block",
+        description="Budgets count the priced cost of calls started this period (local day, week from Monday, "
+                    "month). warn: an event in `status` and `tail` (and a desktop notification) at 80%% and 100%%; "
+                    "block: once used up, the proxy answers the scope's calls itself with HTTP 429 in the "
+                    "provider's error format, without contacting the provider.")
+    budget.add_argument("--home", dest="budget_home", help=argparse.SUPPRESS)
+    actions = budget.add_subparsers(dest="budget_command", metavar="ACTION", required=True)
+    setting = actions.add_parser("set", help="set (or change) the budget of a scope and period")
+    setting.add_argument("--project", help="only this project's calls (default: every project)")
+    setting.add_argument("--provider", help="only this provider's calls, e.g. anthropic (default: every provider)")
+    period = setting.add_mutually_exclusive_group(required=True)
+    for name in ("daily", "weekly", "monthly"):
+        period.add_argument(f"--{name}", metavar="AMOUNT", help=f"US dollars per {name[:-2] if name != 'daily' else 'day'}")
+    setting.add_argument("--action", choices=["warn", "block"], default="warn",
+                         help="warn (default): events and a notification; block: refuse calls once used up")
+    setting.set_defaults(func=cmd_budget, verb="set")
+    listing = actions.add_parser("list", help="every budget with this period's spend")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_budget, verb="list")
+    removing = actions.add_parser("rm", help="remove budgets by id (see `budget list`)")
+    removing.add_argument("ids", metavar="ID", type=int, nargs="+")
+    removing.set_defaults(func=cmd_budget, verb="rm")
+
+    policy = commands.add_parser(
+        "policy", help="model allow/deny rules per project (e.g. no opus in CI)",
+        description="Model rules are globs on the requested model name, case-insensitive. A deny rule refuses "
+                    "matching models; once a project has allow rules, only matching models may be called. "
+                    "Refused calls get HTTP 403 in the provider's error format and never reach the provider.")
+    policy.add_argument("--home", dest="policy_home", help=argparse.SUPPRESS)
+    actions = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    for kind, summary in (("allow", "only models matching these patterns may be called"),
+                          ("deny", "models matching these patterns are refused")):
+        rule = actions.add_parser(kind, help=summary)
+        rule.add_argument("--project", help="the project (default: every project)")
+        rule.add_argument("patterns", metavar="PATTERN", nargs="+", help="a model name or glob, e.g. 'claude-opus-*'")
+        rule.set_defaults(func=cmd_policy, verb=kind)
+    listing = actions.add_parser("list", help="every model rule")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=cmd_policy, verb="list")
+    removing = actions.add_parser("rm", help="remove model rules by id (see `policy list`)")
+    removing.add_argument("ids", metavar="ID", type=int, nargs="+")
+    removing.set_defaults(func=cmd_policy, verb="rm")
+
     bodies = commands.add_parser(
         "bodies", help="stored request/response bodies (redacted): show, purge, stats",
         description="Bodies are stored redacted ([bodies] in config.toml; `project set P body-capture off` "
@@ -372,6 +416,65 @@ def cmd_project(args: argparse.Namespace) -> int:
         return projects.set_body_capture(db, args.name, args.value, out=sys.stdout)
     except (projects.ProjectError, ProjectNameError) as exc:
         print(f"halton-meter project: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if db is not None:
+            db.close()
+
+
+def _policy_ledger(args: argparse.Namespace, home_flag: str, *, create: bool):
+    """The ledger for `budget`/`policy`: created when a rule is added before any call was made."""
+    from halton_meter.ledger import connect
+
+    settings = load_settings(resolve_home(getattr(args, home_flag) or args.home))
+    if create and not settings.db_path.exists():
+        settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return connect(settings.db_path)
+    return _ledger_for(args, home_flag, required=False)[1]
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    from halton_meter import budgets
+
+    db = _policy_ledger(args, "budget_home", create=args.verb == "set")
+    try:
+        if args.verb == "set":
+            period = next(name for name in budgets.PERIODS if getattr(args, name) is not None)
+            return budgets.set_budget(db, project=args.project, provider=args.provider, period=period,
+                                      amount=getattr(args, period), action=args.action, out=sys.stdout)
+        if args.verb == "list":
+            if db is None:
+                print("No budgets. Set one with `halton-meter budget set --daily 10`.")
+                return 0
+            return budgets.list_budgets(db, as_json=args.json, out=sys.stdout)
+        if db is None:
+            raise budgets.PolicyError(f"There is no budget {args.ids[0]}; see `halton-meter budget list`.")
+        return budgets.remove_budgets(db, args.ids, out=sys.stdout)
+    except budgets.PolicyError as exc:
+        print(f"halton-meter budget: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if db is not None:
+            db.close()
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from halton_meter import budgets
+
+    db = _policy_ledger(args, "policy_home", create=args.verb in ("allow", "deny"))
+    try:
+        if args.verb in ("allow", "deny"):
+            return budgets.add_rules(db, kind=args.verb, project=args.project, patterns=args.patterns, out=sys.stdout)
+        if args.verb == "list":
+            if db is None:
+                print("No model rules. Add one with `halton-meter policy deny --project ci 'claude-opus-*'`.")
+                return 0
+            return budgets.list_rules(db, as_json=args.json, out=sys.stdout)
+        if db is None:
+            raise budgets.PolicyError(f"There is no model rule {args.ids[0]}; see `halton-meter policy list`.")
+        return budgets.remove_rules(db, args.ids, out=sys.stdout)
+    except budgets.PolicyError as exc:
+        print(f"halton-meter policy: {exc}", file=sys.stderr)
         return 1
     finally:
         if db is not None:

@@ -14,7 +14,9 @@ import ipaddress
 import logging
 import re
 import socket
+import time
 import weakref
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from halton_meter.adapters import is_provider_host, selftest
@@ -22,18 +24,19 @@ from halton_meter.config import check_loopback
 from halton_meter.http1 import MAX_HEAD_BYTES, ProtocolError, RequestHead, parse_request_head
 from halton_meter.intercept import Interceptor, upstream_address
 from halton_meter.relay import reply_error
+from halton_meter.spool import note_metering_gap
 from halton_meter.tunnel import close_quietly, enable_keepalive, has_buffered_bytes, splice
 
 log = logging.getLogger(__name__)
 
 HEAD_TIMEOUT_S = 30.0  # a client must finish its CONNECT line and headers in this time
 _HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
-
-
-class _ClientProtocol(asyncio.StreamReaderProtocol):
 # ASCII digits only, and few: str.isdigit() takes "²", which int() refuses, and int() refuses
 # over 4300 digits, both with a ValueError that names neither the target nor the fix.
 _PORT = re.compile(r"[0-9]{1,5}")
+
+
+class _ClientProtocol(asyncio.StreamReaderProtocol):
     """A stream protocol that tells its relay when the client connection is gone."""
 
     def __init__(self, reader: asyncio.StreamReader, handler) -> None:
@@ -67,6 +70,8 @@ class ProxyServer:
         self._tasks: set[asyncio.Task] = set()
         self._hurry = asyncio.Event()
         self.unmetered_connections = 0  # provider connections tunnelled blind: metering gaps
+        # The edge notes each one there (spool.py) for the daemon's next start to report.
+        self.gap_notes: Path | None = None
 
     async def start(self, *, listen: bool = True) -> int:
         """Bind and listen; returns the actual port (useful with port 0). `listen` False: only
@@ -141,12 +146,12 @@ class ProxyServer:
             async with asyncio.timeout(HEAD_TIMEOUT_S):
                 raw = await reader.readuntil(b"\r\n\r\n")
             head = parse_request_head(raw)
+        except TimeoutError:  # before OSError, its base class: else the client never hears why
+            return await reply_error(writer, 408, "the proxy request did not arrive in time.")
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             return
         except asyncio.LimitOverrunError:
             return await reply_error(writer, 431, f"request head is larger than {MAX_HEAD_BYTES // 1024} KiB.")
-        except TimeoutError:
-            return await reply_error(writer, 408, "the proxy request did not arrive in time.")
         except ProtocolError as exc:
             return await reply_error(writer, exc.status, f"malformed proxy request ({exc}).")
         if head.method == "CONNECT":
@@ -168,6 +173,8 @@ class ProxyServer:
         if provider is not None and self.interceptor is None:
             self.unmetered_connections += 1
             log.warning("metering_gap host=%s action=direct_tunnel reason=daemon_unavailable", provider)
+            if self.gap_notes is not None:
+                note_metering_gap(self.gap_notes, time.time())
         elif provider is not None:
             try:
                 context = await self.interceptor.server_context(provider)

@@ -20,6 +20,7 @@ from typing import Callable, TextIO
 from halton_meter.config import Settings, make_private_dir
 from halton_meter.edge import ProxyServer
 from halton_meter.handoff import HandoffSender
+from halton_meter.spool import gap_notes_path
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ async def run_edge(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.E
     (settings.run_dir / "edge.port").write_text(f"{port}\n")
     direct = ProxyServer(None, listen=settings.listen, port=port, upstreams=settings.upstreams,
                          connect_timeout_s=settings.connect_timeout_s)
+    direct.gap_notes = gap_notes_path(settings.run_dir)
     await direct.start(listen=False)
     loop = asyncio.get_running_loop()
     sender = HandoffSender(handoff_path(settings), on_orphan=lambda sock: _serve_directly(direct, sock))

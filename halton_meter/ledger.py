@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import os
 import queue
 import sqlite3
 import threading
@@ -18,12 +19,24 @@ from pathlib import Path
 from typing import Callable
 
 from halton_meter.bodies import INSERT_BODIES, stored_values, sweep
-from halton_meter.config import BodySettings
+from halton_meter.config import BodySettings, make_private_dir
+from halton_meter.spool import Backlog, beat, gap_notes_path, heartbeat_path, last_beat, spool_dir, take_gap_notes
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH_ROWS = 32
-RETRY_PAUSE_S = 0.2  # between attempts at a failed commit (a locked or briefly full disk)
+# A write the database refuses (locked, full, read-only) is tried again after this pause, doubling
+# up to RETRY_MAX_PAUSE_S while the refusal lasts; its rows wait in memory meanwhile.
+RETRY_PAUSE_S = 0.25
+RETRY_MAX_PAUSE_S = 5.0
+# How long one write waits for another connection's lock before its rows are held for a retry.
+WRITER_BUSY_TIMEOUT_S = 2.0
+# Rows held only in memory while the database refuses writes (about 1.1 KB each); past this they
+# move to the spool (spool.py), which is safer anyway: it survives a crash. Rows read back from the
+# spool to be replayed are held too, up to as many again.
+MAX_WAITING_ROWS = 50_000
+# How often the writer refreshes the daemon's heartbeat file (its last sign of life after a crash).
+HEARTBEAT_S = 5.0
 # When idle, how often the writer looks for `project` command changes (aliases, body capture).
 SETTINGS_POLL_S = 0.25
 # Captured bodies waiting for the writer; past this, new calls are recorded without theirs.
@@ -302,7 +315,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open the ledger, creating and migrating it as needed (WAL, synchronous=NORMAL)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     db = sqlite3.connect(path, isolation_level=None, timeout=10)
     for attempt in range(100):
         try:
@@ -367,13 +380,31 @@ class Ledger:
         self.captures_bodies = self.bodies.enabled
         # Called by the writer thread, in order, with each list of rows just committed.
         self.commit_listeners: list[Callable[[list[CallRow]], None]] = []
+        # Budgets and model rules (budgets.PolicyEngine), loaded by the writer; None: none kept.
+        self.policies = None
         self.bodies_dropped = 0  # calls whose bodies were not kept because the writer was behind
         self._queued_body_bytes = 0
         self._bodies_lock = threading.Lock()
         self.rows_written = 0
         self.rows_lost = 0
         self._closed = False
-        self._in_flight = 0  # rows taken off the queue and not yet written or lost
+        self.rows_spooled = 0  # rows moved to the spool (spool.py) because the database refused them
+        self.rows_replayed = 0  # rows read back from the spool (of this run or an earlier one) and written
+        # The database's last refusal of a write: {"error", "since", "at", "ended_at"} (unix
+        # seconds; ended_at None while it lasts, rows waiting in memory). None: never refused.
+        self.last_write_error: dict | None = None
+        # Set by the daemon before start(): the writer keeps its heartbeat there and, at start,
+        # reports a previous run's crash (kept in `unclean_exit`) with the edge's gap notes.
+        self.run_dir: Path | None = None
+        self.unclean_exit: dict | None = None
+        self._backlog = Backlog(spool_dir(path), lambda item: isinstance(item, CallRow))
+        self._spool_unread = True  # spool files may be waiting to be replayed
+        self._retry_pause = RETRY_PAUSE_S
+        self._retry_at = 0.0  # time.monotonic() before which a refused write is not tried again
+        self._next_beat = 0.0
+        self._abandoned = False  # close() stopped waiting for a stuck writer
+        # Losses the database could not record when they happened: audit events for the next commit.
+        self._losses_to_record: list[dict] = []
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -392,6 +423,17 @@ class Ledger:
         self._ready.wait()
         if self._startup_error is not None:
             raise self._startup_error
+
+    @property
+    def rows_waiting(self) -> int:
+        """Rows the writer holds and has not written yet: while the database refuses writes,
+        every row recorded since (up to MAX_WAITING_ROWS, then they are spooled)."""
+        return self._backlog.rows
+
+    @property
+    def refusing_writes(self) -> bool:
+        """Whether the database refused the last write (rows wait in memory until it takes one)."""
+        return self.last_write_error is not None and self.last_write_error["ended_at"] is None
 
     def record(self, row: CallRow) -> None:
         if self._closed:
@@ -415,20 +457,32 @@ class Ledger:
         if not self._closed:
             self._queue.put(AuditEvent(kind, detail))
 
+    def record_event(self, event) -> None:
+        """Queue a policy event (budgets.PolicyEvent: any item with `SQL` and `values()`)."""
+        if not self._closed:
+            self._queue.put(event)
+
+    def canonical_project(self, name: str) -> str:
+        """The name calls of project `name` are recorded under (a renamed project's new name)."""
+        return self._aliases.get(name, name)
+
     def sweep_bodies(self) -> None:
         """Queue the deletion of stored bodies older than `retention_days`."""
         if not self._closed:
             self._queue.put(BodySweep(self.bodies.retention_days))
 
     def close(self, timeout: float = 30.0) -> None:
-        """Flush every pending row; rows still unwritten after `timeout` are counted as lost."""
+        """Flush every pending row; what the database still refuses goes to the spool. Rows the
+        writer has not dealt with when `timeout` runs out (a hung disk) are counted lost."""
         self._closed = True
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
         if self._thread.is_alive():
-            # Stuck (a lock held elsewhere, a hung disk): the process is about to exit with it.
-            self._lose(sum(isinstance(item, CallRow) for item in self._pending()) + self._in_flight)
+            # Stuck: the process is about to exit with it. Should it still write a row after this,
+            # that row is counted lost as well: the count errs loud, never silent.
+            self._abandoned = True
+            self._lose(sum(isinstance(item, CallRow) for item in self._pending()) + self.rows_waiting)
 
     def _pending(self) -> list[object]:
         items = []
@@ -441,66 +495,182 @@ class Ledger:
     def _run(self) -> None:
         try:
             db = connect(self.path)
+            db.execute(f"PRAGMA busy_timeout = {round(WRITER_BUSY_TIMEOUT_S * 1000)}")
             self._refresh_project_settings(db)
         except BaseException as exc:  # reported to start()'s caller
             self._startup_error = exc
             self._ready.set()
             return
+        try:
+            self._load_spool()  # before any new row, and before judging how the last run ended
+            if self.run_dir is not None:
+                self._check_previous_exit(db)
+        except Exception:  # noqa: BLE001 - costs a replay or a report, never metering
+            log.exception("ledger_start_checks_failed")
         self._ready.set()
         try:
-            stopping = False
-            while not stopping:
-                try:
-                    batch = [self._queue.get(timeout=SETTINGS_POLL_S)]
-                except queue.Empty:
-                    self._refresh_quietly(db)
-                    continue
-                while len(batch) < MAX_BATCH_ROWS:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if _STOP in batch:
-                    stopping = True
-                    batch.extend(self._pending())
-                    batch = [item for item in batch if item is not _STOP]
-                self._in_flight = sum(isinstance(item, CallRow) for item in batch)
-                for start in range(0, len(batch), MAX_BATCH_ROWS):
-                    part = batch[start : start + MAX_BATCH_ROWS]
-                    self._write(db, part)
-                    self._in_flight = max(0, self._in_flight - sum(isinstance(i, CallRow) for i in part))
+            while self._step(db):
+                pass
         finally:
             db.close()
+
+    def _step(self, db: sqlite3.Connection) -> bool:
+        """One turn of the writer: take what was queued, then commit the oldest batch held (unless
+        the database refused the last one and its pause is not over). False once told to stop."""
+        if self._abandoned:
+            return False
+        self._beat()
+        if self._spool_unread and not len(self._backlog) and time.monotonic() >= self._retry_at:
+            self._load_spool()  # caught up (or due to try again): replay what was spooled
+        if self._take_queued(self._wait_s()):
+            self._finish(db)
+            return False
+        if self.refusing_writes and self._backlog.rows_only_here > MAX_WAITING_ROWS:
+            self._spool_held("backlog_full")
+        if not len(self._backlog):
+            self._refresh_quietly(db)
+        elif time.monotonic() >= self._retry_at:
+            self._write(db, self._backlog.take(MAX_BATCH_ROWS))
+        return True
+
+    def _wait_s(self) -> float:
+        """How long to wait for the queue: idle, until the next settings poll; with items held,
+        until the pause after a refused write is over (0 when there is none)."""
+        if not len(self._backlog):
+            return SETTINGS_POLL_S
+        return max(0.0, self._retry_at - time.monotonic())
+
+    def _take_queued(self, timeout: float) -> bool:
+        """Move everything queued behind the held items, waiting up to `timeout` for the first;
+        True if told to stop (items queued after the signal are taken too)."""
+        try:
+            item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return False
+        stop = False
+        while True:
+            if item is _STOP:
+                stop = True
+            else:
+                self._backlog.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return stop
+
+    def _finish(self, db: sqlite3.Connection) -> None:
+        """Shutdown: one more try at everything held, without waiting out a pause; what the
+        database still refuses goes to the spool, for the next start."""
+        while len(self._backlog) and not self._abandoned:
+            self._write(db, self._backlog.take(MAX_BATCH_ROWS))
+            if self.refusing_writes:
+                break
+        if len(self._backlog) and not self._abandoned:
+            self._spool_held("shutdown")
 
     def _write(self, db: sqlite3.Connection, items: list) -> None:
         """Commit `items` in one transaction; never raises, so the writer thread never dies.
 
-        A batch rejected for its content is retried row by row, so one bad row costs only itself;
-        a database that is locked, full or read-only gets three tries, then the batch is lost
-        (counted and logged).
+        A batch rejected for its content is retried row by row, so one bad row costs only itself.
+        A batch the database refuses (locked past the busy timeout, full, read-only, I/O error)
+        goes back to the head of the backlog, to be tried again after a pause, while new rows
+        queue behind it: nothing is lost and traffic never waits.
         """
         if not items:
             return
-        rows = [item for item in items if isinstance(item, CallRow)]
-        # With the aliases as last read (idle polling keeps them fresh), for the body decision;
-        # _insert reads them again inside the write transaction, where it counts.
-        self._resolve_aliases(rows)
-        rates = {id(row): self._price(row) for row in rows}
-        bodies = {id(row): self._body_values(row) for row in rows if row.bodies is not None}
-        for attempt in range(3):
-            try:
-                self._insert(db, items, rates, bodies)
-                self.rows_written += len(rows)
-                break
-            except sqlite3.OperationalError as exc:
-                log.error("ledger_write_failed rows=%d attempt=%d error=%r", len(rows), attempt + 1, exc)
-                time.sleep(RETRY_PAUSE_S * (attempt + 1))
-            except Exception:  # noqa: BLE001 - a row sqlite rejects (constraint, unbindable value)
-                self._write_one_by_one(db, items, rates, bodies)
-                break
-        else:
-            self._lose(len(rows))
+        # The body decision in _prepare follows the latest `project set … body-capture`: one
+        # cheap PRAGMA read, not the last idle poll's view, which can be a quarter second old.
+        self._refresh_quietly(db)
+        self._prepare([item for item in items if isinstance(item, CallRow)])
+        items = self._drop_already_written(db, items)
+        if not items:
             return
+        rates = {id(item): self._backlog.extras(item)["rates"] for item in items if isinstance(item, CallRow)}
+        bodies = {id(item): self._backlog.extras(item)["body"] for item in items if isinstance(item, CallRow)}
+        try:
+            self._insert(db, items, rates, bodies)
+        except sqlite3.OperationalError as exc:
+            self._hold(items, exc)
+        except Exception:  # noqa: BLE001 - a row sqlite rejects (constraint, unbindable value)
+            self._write_one_by_one(db, items, rates, bodies)
+        else:
+            self._committed(items)
+
+    def _write_one_by_one(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None],
+                          bodies: dict[int, tuple | None]) -> None:
+        for index, item in enumerate(items):
+            try:
+                self._insert(db, [item], rates, bodies)
+            except sqlite3.OperationalError as exc:
+                self._hold(items[index:], exc)
+                return
+            except Exception as exc:  # noqa: BLE001
+                self._reject(item, exc)
+            else:
+                self._committed([item])
+
+    def _prepare(self, rows: list[CallRow]) -> None:
+        """Price each row and take its stored body, once: a row held for a retry, or read back
+        from the spool, keeps what it got."""
+        fresh = [row for row in rows if self._backlog.extras(row) is None]
+        # With the aliases as just read by _write, for the body decision; _insert reads them
+        # again inside the write transaction, where it counts.
+        self._resolve_aliases(fresh)
+        for row in fresh:
+            rates = self._price(row)
+            body = self._body_values(row) if row.bodies is not None else None
+            if body is not None and self._backlog.body_bytes > MAX_QUEUED_BODY_BYTES:
+                body = None  # held bodies are bounded like queued ones: the row is kept, not its body
+                self.bodies_dropped += 1
+            self._backlog.keep_extras(row, {"rates": rates, "body": body})
+
+    def _drop_already_written(self, db: sqlite3.Connection, items: list) -> list:
+        """Rows replayed from the spool that are already in `calls` (the previous run stopped
+        between committing them and deleting the file) are skipped, not written twice."""
+        replayed = [item for item in items if isinstance(item, CallRow) and self._backlog.from_spool(item)]
+        if not replayed:
+            return items
+        try:
+            present = {found for (found,) in db.execute(
+                f"SELECT call_id FROM calls WHERE call_id IN ({', '.join('?' * len(replayed))})",
+                [row.call_id for row in replayed])}
+        except sqlite3.Error:
+            return items  # the write itself will tell what is wrong
+        written = [row for row in replayed if row.call_id in present]
+        if not written:
+            return items
+        log.info("ledger_replay_skipped rows=%d reason=already_in_ledger", len(written))
+        self._backlog.settle(written)
+        skipped = {id(row) for row in written}
+        return [item for item in items if id(item) not in skipped]
+
+    def _hold(self, items: list, exc: sqlite3.OperationalError) -> None:
+        """The database refused the write: `items` go back to the head of the backlog and the
+        next try waits RETRY_PAUSE_S, doubling up to RETRY_MAX_PAUSE_S while it lasts. Logged
+        once when the outage starts."""
+        self._backlog.put_back(items)
+        now = time.time()
+        error = f"{getattr(exc, 'sqlite_errorname', 'SQLITE_ERROR')}: {exc}"
+        if self.refusing_writes:
+            self.last_write_error = {**self.last_write_error, "error": error, "at": now}
+            self._retry_pause = min(self._retry_pause * 2, RETRY_MAX_PAUSE_S)
+        else:
+            self.last_write_error = {"error": error, "since": now, "at": now, "ended_at": None}
+            self._retry_pause = RETRY_PAUSE_S
+            log.error("ledger_write_failed error=%r rows_waiting=%d action=hold_in_memory_and_retry path=%s",
+                      error, self.rows_waiting, self.path)
+        self._retry_at = time.monotonic() + self._retry_pause
+
+    def _committed(self, items: list) -> None:
+        rows = [item for item in items if isinstance(item, CallRow)]
+        self.rows_written += len(rows)
+        self.rows_replayed += sum(self._backlog.from_spool(row) for row in rows)
+        if self.refusing_writes:
+            self._end_outage()
+        self._backlog.settle(items)
+        for detail in self._losses_to_record:  # the database works again: it can hold the record
+            self._backlog.push_front(AuditEvent("rows_lost", detail))
+        self._losses_to_record.clear()
         if rows:
             for listener in self.commit_listeners:
                 try:
@@ -508,19 +678,101 @@ class Ledger:
                 except Exception:  # noqa: BLE001 - a listener's bug must not touch the rows
                     log.exception("ledger_commit_listener_failed")
 
-    def _write_one_by_one(self, db: sqlite3.Connection, items: list, rates: dict[int, str | None],
-                          bodies: dict[int, tuple | None]) -> None:
-        for item in items:
-            try:
-                self._insert(db, [item], rates, bodies)
-                if isinstance(item, CallRow):
-                    self.rows_written += 1
-            except Exception as exc:  # noqa: BLE001
-                if isinstance(item, CallRow):
-                    log.error("ledger_row_rejected call_id=%s error=%r", item.call_id, exc)
-                    self._lose(1)
-                else:
-                    log.error("ledger_item_rejected item=%s error=%r", type(item).__name__, exc)
+    def _end_outage(self) -> None:
+        now = time.time()
+        self.last_write_error = {**self.last_write_error, "ended_at": now}
+        log.warning("ledger_write_recovered rows_recovered=%d outage_s=%.1f error_was=%r",
+                    self.rows_waiting, now - self.last_write_error["since"], self.last_write_error["error"])
+
+    def _reject(self, item: object, exc: Exception) -> None:
+        if isinstance(item, CallRow):
+            log.error("ledger_row_rejected call_id=%s error=%r", item.call_id, exc)
+            self._lose(1)
+        else:
+            log.error("ledger_item_rejected item=%s error=%r", type(item).__name__, exc)
+        self._backlog.settle([item])
+
+    def _spool_held(self, reason: str) -> None:
+        """Move what is held only in memory to a spool file (too many rows waiting, or shutdown
+        while the database refuses them). If the spool cannot be written either, those rows are
+        counted lost, logged, and recorded as an audit event by the next write that works."""
+        self._prepare([item for item in self._backlog.held() if isinstance(item, CallRow)])
+        try:
+            path, rows, unwritable = self._backlog.spool()
+        except OSError as exc:
+            lost, events = self._backlog.let_go()
+            log.error("ledger_spool_failed rows=%d events=%d reason=%s error=%r dir=%s", lost, events, reason,
+                      exc, self._backlog.directory)
+            if lost:
+                self._lose(lost)
+            self._losses_to_record.append({"rows": lost, "events": events, "at": time.time(), "error": repr(exc),
+                                           "reason": f"neither the database nor the spool could take them ({reason})"})
+            return
+        self.rows_spooled += rows
+        self._spool_unread = True
+        if path is not None:
+            log.warning("ledger_rows_spooled rows=%d reason=%s file=%s", rows, reason, path)
+        for item in unwritable:  # let go already; a field that JSON cannot hold (a bug) costs the item
+            log.error("ledger_item_unspoolable item=%s", type(item).__name__)
+            if isinstance(item, CallRow):
+                self._lose(1)
+
+    def _load_spool(self) -> None:
+        rows, unreadable, more = self._backlog.load(MAX_WAITING_ROWS)
+        self._spool_unread = more
+        if rows:
+            log.info("ledger_spool_replaying rows=%d dir=%s", rows, self._backlog.directory)
+        if unreadable:
+            self._lose(unreadable)
+
+    def _beat(self) -> None:
+        if self.run_dir is not None and time.monotonic() >= self._next_beat:
+            beat(heartbeat_path(self.run_dir))
+            self._next_beat = time.monotonic() + HEARTBEAT_S
+
+    def _check_previous_exit(self, db: sqlite3.Connection) -> None:
+        """A previous run that said `proxy_started` and never `proxy_stopping` was killed: report
+        the metering gap from its last sign of life to now, and the provider connections the
+        edge tunnelled unmetered meanwhile (spool.py). Unmetered connections after a clean stop
+        are reported too."""
+        make_private_dir(self.run_dir)
+        unmetered = take_gap_notes(gap_notes_path(self.run_dir))
+        last = db.execute("SELECT kind, detail FROM audit_events WHERE kind IN ('proxy_started', "
+                          "'proxy_stopping') ORDER BY id DESC LIMIT 1").fetchone()
+        last_kind, last_detail = (last[0], json.loads(last[1])) if last is not None else (None, {})
+        for item in self._backlog.held():  # spooled, so newer than anything in the database
+            if isinstance(item, AuditEvent) and item.kind in ("proxy_started", "proxy_stopping"):
+                last_kind, last_detail = item.kind, item.detail
+        now = time.time()
+        if last_kind == "proxy_started" and not self._still_running(last_detail):
+            seen = max(last_beat(heartbeat_path(self.run_dir)) or 0, _newest_entry_at(db))
+            self.unclean_exit = {"previous_pid": last_detail.get("pid"), "last_seen_at": round(seen, 3),
+                                 "restarted_at": round(now, 3), "gap_s": round(now - seen, 1),
+                                 "unmetered_connections": len(unmetered)}
+            log.warning("unclean_exit previous_pid=%s last_seen=%s gap_s=%.1f unmetered_connections=%d",
+                        self.unclean_exit["previous_pid"], time.strftime("%H:%M:%S", time.localtime(seen)),
+                        now - seen, len(unmetered))
+            self._backlog.push_front(AuditEvent("unclean_exit", self.unclean_exit))
+        elif unmetered:
+            log.warning("metering_gap_reported unmetered_connections=%d", len(unmetered))
+            self._backlog.push_front(AuditEvent("metering_gap", {
+                "unmetered_connections": len(unmetered), "first_at": min(unmetered), "last_at": max(unmetered)}))
+
+    def _still_running(self, started: dict) -> bool:
+        """Whether the run whose `proxy_started` detail this is still runs (another instance on
+        this ledger): its process exists and the heartbeat is fresh. A dead or reused pid fails
+        one or the other."""
+        pid = started.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        beat_at = last_beat(heartbeat_path(self.run_dir))
+        return beat_at is not None and time.time() - beat_at < 3 * HEARTBEAT_S
 
     def _price(self, row: CallRow) -> str | None:
         """Fill the cost columns; returns the exact rates applied, as JSON (None: none applied)."""
@@ -548,6 +800,11 @@ class Ledger:
             "SELECT name, body_capture FROM projects WHERE body_capture IS NOT NULL")}
         self._projects.clear()  # a merge may have removed a project row
         self.captures_bodies = self.bodies.enabled or any(self._body_overrides.values())
+        if self.policies is not None:
+            try:
+                self.policies.load(db)
+            except Exception:  # noqa: BLE001 - a policy bug must never cost rows: keep the last ones
+                log.exception("policies_load_failed")
 
     def _resolve_aliases(self, rows: list[CallRow]) -> None:
         for row in rows:
@@ -595,6 +852,9 @@ class Ledger:
                     deleted = sweep(db, item.retention_days, time.time())
                     if deleted:
                         write_audit(db, "bodies_swept", {"calls": deleted, "retention_days": item.retention_days})
+                    continue
+                if not isinstance(item, CallRow):
+                    db.execute(item.SQL, item.values())  # a policy event
                     continue
                 if bodies.get(id(item)) is not None:
                     body_values.append(bodies[id(item)])
@@ -660,6 +920,14 @@ class Ledger:
     def _lose(self, count: int) -> None:
         self.rows_lost += count
         log.error("ledger_rows_lost rows=%d total_lost=%d path=%s", count, self.rows_lost, self.path)
+
+
+def _newest_entry_at(db: sqlite3.Connection) -> float:
+    """When the newest call ended or the newest audit event was written (0: neither exists)."""
+    call = db.execute("SELECT started_at + COALESCE(duration_ms, 0) / 1000.0 FROM calls "
+                      "ORDER BY id DESC LIMIT 1").fetchone()
+    event = db.execute("SELECT MAX(at) FROM audit_events").fetchone()
+    return max(call[0] if call else 0, event[0] or 0)
 
 
 def _zero_usage(row: CallRow) -> None:

@@ -19,9 +19,10 @@ from halton_meter.adapters import PRIMARY_HOSTS, PROVIDER_HOSTS
 from halton_meter.api import ApiServer
 from halton_meter.attribution import ProcessAttributor
 from halton_meter.bodies import SWEEP_INTERVAL_S
-from halton_meter.config import Settings
+from halton_meter.budgets import PolicyEngine, desktop_notifier
+from halton_meter.config import Settings, make_private_dir
 from halton_meter.edge import ProxyServer
-from halton_meter.handoff import HandoffError, HandoffReceiver
+from halton_meter.handoff import HandoffError, HandoffReceiver, is_listening
 from halton_meter.intercept import Interceptor, shrink_tls_read_buffers
 from halton_meter.ledger import Ledger
 from halton_meter.pricing import PriceTable, PricingError
@@ -51,7 +52,12 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
 
     With `handoff`, this is the metering daemon behind an edge: it also adopts the client
     sockets the edge passes over that Unix socket (handoff.py)."""
-    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(settings.home)
+    if handoff is not None and handoff.exists() and is_listening(handoff):
+        # Refused before the ledger starts: a second daemon must not replay the first one's spool
+        # or take the edge's gap notes.
+        raise ServeError(f"Another metering daemon is listening on {handoff}. "
+                         "Stop it first (halton-meter stop), or use another --home.")
     shrink_tls_read_buffers()
     try:
         ca = await asyncio.to_thread(prepare_ca, settings)
@@ -63,6 +69,12 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     except PricingError as exc:
         raise ServeError(str(exc)) from exc
     ledger = Ledger(settings.db_path, prices=prices, bodies=settings.bodies)
+    ledger.run_dir = settings.run_dir  # heartbeat, and the report of a crashed previous run
+    policies = PolicyEngine(warn_at_percent=settings.budget_warn_at_percent,
+                            notify=desktop_notifier() if settings.budget_notify else None)
+    policies.emit = ledger.record_event
+    ledger.policies = policies
+    ledger.commit_listeners.append(policies.on_commit)
     try:
         ledger.start()
     except sqlite3.Error as exc:
@@ -202,7 +214,7 @@ async def _start_api(settings: Settings, routes: dict) -> ApiServer | None:
     except OSError as exc:
         log.warning("api_unavailable port=%d error=%s", settings.api_port, exc.strerror or exc)
         return None
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.run_dir)
     _api_port_file(settings).write_text(f"{port}\n")
     return api
 
@@ -217,6 +229,9 @@ def _gauges(server: ProxyServer, interceptor: Interceptor, ledger: Ledger, expor
             "halton_meter_ledger_rows_written_total": ledger.rows_written,
             "halton_meter_ledger_rows_lost_total": ledger.rows_lost,
             "halton_meter_unmetered_connections_total": server.unmetered_connections,
+            "halton_meter_ledger_rows_waiting": ledger.rows_waiting,
+            "halton_meter_ledger_rows_spooled_total": ledger.rows_spooled,
+            "halton_meter_policy_refusals_total": ledger.policies.refusals if ledger.policies is not None else 0,
         }
         if exporter is not None:
             status = exporter.status()
@@ -232,7 +247,7 @@ def _health(settings: Settings, server: ProxyServer, ledger: Ledger, port: int, 
 
     def health(_query: dict[str, list[str]]) -> tuple[int, dict]:
         return 200, {
-            "status": "ok" if not ledger.rows_lost else "degraded",
+            "status": "ok" if not (ledger.rows_lost or ledger.refusing_writes) else "degraded",
             "version": __version__,
             "pid": os.getpid(),
             "mode": "daemon" if handoff is not None else "serve",
@@ -243,7 +258,13 @@ def _health(settings: Settings, server: ProxyServer, ledger: Ledger, port: int, 
             "ledger": str(settings.db_path),
             "rows_written": ledger.rows_written,
             "rows_lost": ledger.rows_lost,
+            "rows_waiting": ledger.rows_waiting,
+            "rows_spooled": ledger.rows_spooled,
+            "rows_replayed": ledger.rows_replayed,
+            "last_write_error": ledger.last_write_error,
+            "unclean_exit": ledger.unclean_exit,
             "bodies_dropped": ledger.bodies_dropped,
             "export": exporter.status() if exporter is not None else None,
+            "budgets": ledger.policies.snapshot() if ledger.policies is not None else [],
         }
     return health

@@ -1,5 +1,8 @@
 """`halton-meter tail`: the latest calls, one line (or one JSON object) each; `-f` follows new ones.
 
+Budget and model-rule events (budgets.py: warnings, refused calls) are shown among the calls, in
+time order, as lines starting with `!!` (JSON: objects with `"type": "policy_event"`).
+
 Formats are documented with the report's in report.py.
 """
 
@@ -36,13 +39,16 @@ def run_tail(db_path: Path, *, lines: int = 20, follow: bool = False, projects: 
     db = None
     try:
         db = open_ledger(db_path)
-        last_id = 0
+        last_id = last_event = 0
         if db is not None:
-            last_id = _newest_id(db)
+            last_id, last_event = _newest_id(db), _newest_event(db)
             rows = db.execute(
                 f"SELECT * FROM (SELECT {_TAIL_COLUMNS} FROM calls WHERE id <= ?{where} "
                 "ORDER BY id DESC LIMIT ?) ORDER BY id", (last_id, *params, lines)).fetchall()
-            _emit(rows, as_json, out)
+            events = _events(db, projects, 0, last_event, lines)
+            if rows and len(rows) == lines:  # only the events among the calls shown
+                events = [event for event in events if event[1] >= rows[0][2]]
+            _emit(rows, events, as_json, out)
         if not last_id and not as_json and not follow:
             out.write(NO_CAPTURES)
         out.flush()
@@ -57,13 +63,13 @@ def run_tail(db_path: Path, *, lines: int = 20, follow: bool = False, projects: 
                 continue
             # Seeks on the rowid: each poll reads only the rows added since the last one, and
             # advances past rows the --project filter skips, so a quiet project costs nothing.
-            newest = _newest_id(db)
-            if newest > last_id:
+            newest, newest_event = _newest_id(db), _newest_event(db)
+            if newest > last_id or newest_event > last_event:
                 rows = db.execute(f"SELECT {_TAIL_COLUMNS} FROM calls WHERE id > ? AND id <= ?{where} "
                                   "ORDER BY id", (last_id, newest, *params)).fetchall()
-                _emit(rows, as_json, out)
+                _emit(rows, _events(db, projects, last_event, newest_event), as_json, out)
                 out.flush()
-                last_id = newest
+                last_id, last_event = newest, newest_event
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:  # `tail -f | head`: the reader left; exit quietly
@@ -82,9 +88,46 @@ def _newest_id(db: sqlite3.Connection) -> int:
     return db.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
 
 
-def _emit(rows: list[tuple], as_json: bool, out: TextIO) -> None:
+def _newest_event(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT COALESCE(MAX(id), 0) FROM policy_events").fetchone()[0]
+
+
+def _events(db: sqlite3.Connection, projects: tuple[str, ...], after: int, upto: int,
+            limit: int = -1) -> list[tuple]:
+    """Policy events after id `after`, oldest first; with --project, theirs and every-project ones."""
+    where = ""
+    if projects:
+        where = f" AND (project IS NULL OR project IN ({', '.join('?' * len(projects))}))"
+    return db.execute(
+        f"SELECT * FROM (SELECT id, at, kind, project, provider, model, message FROM policy_events "
+        f"WHERE id > ? AND id <= ?{where} ORDER BY id DESC LIMIT ?) ORDER BY id",
+        (after, upto, *projects, limit)).fetchall()
+
+
+def _emit(rows: list[tuple], events: list[tuple], as_json: bool, out: TextIO) -> None:
+    """Calls in ledger order, each event placed before the first call that started after it."""
+    pending = iter(events)
+    event = next(pending, None)
     for row in rows:
+        while event is not None and event[1] <= row[2]:
+            out.write((json.dumps(_event_record(event)) if as_json else _event_line(event)) + "\n")
+            event = next(pending, None)
         out.write((json.dumps(_tail_record(row)) if as_json else _tail_line(row)) + "\n")
+    while event is not None:
+        out.write((json.dumps(_event_record(event)) if as_json else _event_line(event)) + "\n")
+        event = next(pending, None)
+
+
+def _event_record(event: tuple) -> dict:
+    id_, at, kind, project, provider, model, message = event
+    return {"type": "policy_event", "id": id_, "at": iso_local(at), "kind": kind, "project": project,
+            "provider": provider, "model": model, "message": message}
+
+
+def _event_line(event: tuple) -> str:
+    _, at, kind, project, _, _, message = event
+    label = {"call_blocked": "REFUSED", "model_blocked": "REFUSED"}.get(kind, "BUDGET")
+    return f"{_local(at)}  {project or '(all)':<16} !! {label} {message.removeprefix('halton-meter: ')}"
 
 
 def _tail_record(row: tuple) -> dict:

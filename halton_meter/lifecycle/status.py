@@ -26,10 +26,13 @@ from halton_meter.lifecycle import shellrc, trust
 from halton_meter.lifecycle.stack import api_health, daemon_healthy, edge_listening
 from halton_meter.lifecycle.state import InstallState, StateError, load_state
 from halton_meter.lifecycle.supervise import SupervisorError, supervisor_for
+from halton_meter.spool import spool_dir, spooled_items
 from halton_meter.tls.ca import CAError, CertificateAuthority
 
 OK, WARN, FAIL, OFF = "ok", "warn", "fail", "off"
 LOW_DISK_BYTES = 200 * 1024 * 1024
+# How long after a restart that followed a crash the daemon row tells of the metering gap.
+UNCLEAN_EXIT_NOTICE_S = 3600
 
 
 @dataclass(frozen=True)
@@ -53,18 +56,19 @@ def collect(settings: Settings) -> tuple[InstallState | None, list[Row]]:
         return None, [Row("install", FAIL, str(exc), "halton-meter init")]
     if state is None:
         rows = [Row("install", FAIL, f"not installed in {settings.home}", "halton-meter init")]
-        return None, rows + [_ca_row(settings), _database_row(settings)]
+        return None, rows + [_ca_row(settings), _database_row(settings), _budgets_row(settings)]
     health = api_health(settings, state.api_port)
     return state, [
         _edge_row(settings, state),
-        _daemon_row(settings, state),
+        _daemon_row(settings, state, health),
         _api_row(settings, state, health),
         _export_row(settings, health),
         _ca_row(settings),
         _trust_row(settings, state),
         _supervisor_row(settings, state),
         _shell_rc_row(settings, state),
-        _database_row(settings),
+        _database_row(settings, health),
+        _budgets_row(settings),
     ]
 
 
@@ -102,8 +106,12 @@ def _edge_row(settings: Settings, state: InstallState) -> Row:
                              "cannot connect", "halton-meter start")
 
 
-def _daemon_row(settings: Settings, state: InstallState) -> Row:
+def _daemon_row(settings: Settings, state: InstallState, health: dict | None) -> Row:
     if daemon_healthy(settings):
+        crash = (health or {}).get("unclean_exit")
+        if crash and health.get("uptime_s", 0) < UNCLEAN_EXIT_NOTICE_S:
+            # Past, not present: metering works now, so the row stays ok; the gap is what to know.
+            return Row("daemon", OK, f"metering; restarted after an unclean exit: {_describe_gap(crash)}")
         return Row("daemon", OK, "metering (answers on its hand-off socket)")
     return Row("daemon", WARN, "down: provider calls go straight through, unmetered (gaps are logged)",
                "halton-meter restart   # then see `halton-meter doctor` if it stays down")
@@ -113,9 +121,6 @@ def _api_row(settings: Settings, state: InstallState, health: dict | None) -> Ro
     if health is None:
         return Row("api", WARN, f"no answer on http://127.0.0.1:{state.api_port}/health",
                    "halton-meter restart   # if the port is taken: halton-meter init --api-port PORT")
-    if health.get("rows_lost"):
-        return Row("api", FAIL, f"the daemon lost {health['rows_lost']} row(s): the ledger could not be written",
-                   f"check free disk space and {settings.db_path}, then: halton-meter restart")
     return Row("api", OK, f"http://127.0.0.1:{state.api_port}/health: {health.get('rows_written', 0)} "
                           f"row(s) written since start, up {health.get('uptime_s', 0):.0f} s")
 
@@ -217,7 +222,33 @@ def _shell_rc_row(settings: Settings, state: InstallState) -> Row:
     return Row("shell rc", OK, "block present in " + ", ".join(state.rc_files))
 
 
-def _database_row(settings: Settings) -> Row:
+def _describe_gap(crash: dict) -> str:
+    """`metering gap 12 s from 10:02:03 (3 connection(s) went through unmetered)`."""
+    since = time.strftime("%H:%M:%S", time.localtime(crash["last_seen_at"]))
+    unmetered = crash.get("unmetered_connections") or 0
+    return (f"metering gap {crash['gap_s']:.0f} s from {since}"
+            + (f" ({unmetered} connection(s) went through unmetered)" if unmetered else ""))
+
+
+def _database_row(settings: Settings, health: dict | None = None) -> Row:
+    """The ledger as the daemon last wrote it (/health), then the spool, then the file itself."""
+    fix_disk = f"free disk space, or make {settings.db_path} and its directory writable"
+    if health and health.get("rows_lost"):
+        error = (health.get("last_write_error") or {}).get("error")
+        return Row("database", FAIL, f"the daemon lost {health['rows_lost']} row(s): the ledger could not be "
+                                     f"written{f' ({error})' if error else ''}; see its log (ledger_rows_lost)",
+                   f"{fix_disk}, then: halton-meter restart")
+    error = (health or {}).get("last_write_error")
+    if error and error.get("ended_at") is None:
+        since = time.strftime("%H:%M:%S", time.localtime(error["since"]))
+        return Row("database", WARN, f"cannot be written since {since} ({error['error']}): "
+                                     f"{health.get('rows_waiting', 0):,} row(s) waiting in memory, none lost; "
+                                     "they are written as soon as it can", fix_disk)
+    files, items = spooled_items(spool_dir(settings.db_path))
+    if files:
+        return Row("database", WARN, f"{items:,} spooled row(s) and event(s) in {spool_dir(settings.db_path)} "
+                                     "are not in the ledger yet: the daemon writes them when the database "
+                                     "takes writes again, or when it starts", f"{fix_disk}, then: halton-meter restart")
     if not settings.db_path.exists():
         return Row("database", OK, f"{settings.db_path} (no calls yet)")
     try:
@@ -231,6 +262,38 @@ def _database_row(settings: Settings) -> Row:
         return Row("database", FAIL, f"cannot read {settings.db_path} ({exc})",
                    f"mv {settings.db_path} {settings.db_path}.broken && halton-meter restart")
     return Row("database", OK, f"{settings.db_path}: schema {version}, {calls:,} call(s)")
+
+
+def _budgets_row(settings: Settings) -> Row:
+    """Budgets and model rules, from the ledger: spent this period, and what is refused now."""
+    from halton_meter.budgets import budget_states
+
+    if not settings.db_path.exists():
+        return Row("budgets", OFF, "none set", "halton-meter budget set --daily 10")
+    now = time.time()
+    try:
+        db = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=2)
+        try:
+            states = budget_states(db, now)
+            rules = db.execute("SELECT COUNT(*) FROM model_policies").fetchone()[0]
+            refused = db.execute("SELECT COUNT(*) FROM policy_events WHERE kind IN ('call_blocked', 'model_blocked') "
+                                 "AND at >= ?", (now - 86400,)).fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return Row("budgets", OFF, "none set (the ledger predates budgets)", "halton-meter budget set --daily 10")
+    if not states and not rules:
+        return Row("budgets", OFF, "none set", "halton-meter budget set --daily 10")
+    summary = f"{len(states)} budget(s), {rules} model rule(s); {refused:,} call(s) refused in the last 24 h"
+    over = [s for s in states if s["state"] in ("blocking", "exceeded")]
+    if over:
+        worst = over[0]
+        verb = "blocking: calls are refused" if worst["state"] == "blocking" else "exceeded (warn only)"
+        return Row("budgets", WARN, f"{worst['title']} {verb}, {worst['percent']:.0f}% used; {summary}",
+                   f"halton-meter budget list, then `budget set` to raise it or `budget rm {worst['id']}`")
+    top = max(states, key=lambda s: s["percent"], default=None)
+    lead = f"highest: {top['title']} at {top['percent']:.0f}%; " if top else ""
+    return Row("budgets", OK, lead + summary)
 
 
 # -- doctor: everything status checks, and more ------------------------------------------------
