@@ -19,9 +19,11 @@ from concurrent.futures import Future
 from http import HTTPStatus
 
 from halton_meter.adapters import adapter_for
-from halton_meter.adapters.base import Adapter, CallState
+from halton_meter.adapters.base import BILL_TOKENS, Adapter, CallState
+from halton_meter.adapters.selftest import PROVIDER as SELFTEST_PROVIDER
 from halton_meter.attribution import slugify_project
 from halton_meter.bodies import BodyCapture
+from halton_meter.budgets import Refusal
 from halton_meter.clients import client_family
 from halton_meter.http1 import (
     MAX_HEAD_BYTES,
@@ -45,13 +47,23 @@ from halton_meter.tunnel import READ_SIZE, close_quietly, has_buffered_bytes, ha
 log = logging.getLogger(__name__)
 
 INLINE_BODY_BYTES = 64 * 1024  # request bodies up to this size go out in one write with the head
-CLIENT_IDLE_TIMEOUT_S = 300.0
+CLIENT_IDLE_TIMEOUT_S = 300.0  # how long a kept-alive client may stay silent between calls
+# Once a request's first byte is in, the rest of its head must follow within this time (as a
+# CONNECT head must at the edge): a client dribbling its head cannot hold a connection for long.
+REQUEST_HEAD_TIMEOUT_S = 30.0
 # A row whose process lookup has not answered by then is recorded as `default` (the lookup's own
 # deadline is 0.5 s; this covers one stuck in a system call).
 LOOKUP_WAIT_S = 5.0
 # After answering before the client finished its upload, read and drop its remaining bytes this
 # long before closing: closing with unread data sends a TCP reset that can wipe the answer.
 UNREAD_BODY_DRAIN_S = 2.0
+# With a budget or model rule naming a project, how long a call whose project only the process
+# lookup can tell waits for it (typically under a millisecond); past it, the call goes on as
+# `default`'s.
+POLICY_LOOKUP_WAIT_S = 1.0
+# A model rule must read the model before the call is forwarded: request bodies up to this size are
+# read whole first (providers accept far less); a larger one is refused with 413.
+MAX_CHECKED_BODY_BYTES = 64 * 1024 * 1024
 # RFC 9110 9.2.2: only these may be repeated automatically after a connection failure.
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Encodings the tap can decode with zlib; anything else is dropped from Accept-Encoding.
@@ -78,6 +90,14 @@ class ClientError(Exception):
 
 class _ClientGone(Exception):
     pass
+
+
+class _Refused(Exception):
+    """A policy answered the call itself; nothing reached the provider and no row is due."""
+
+    def __init__(self, keep_alive: bool) -> None:
+        super().__init__()
+        self.keep_alive = keep_alive
 
 
 def new_call_id() -> str:
@@ -159,6 +179,7 @@ class Relay:
         self.cancel_reason: str | None = None  # the outcome a cancellation of this relay means
         self.response_started = False
         self.unread_request_body = False
+        self.cut_response = False  # the provider broke a response already started: never end it cleanly
         self.task = asyncio.current_task()
         self.protocol = protocol
         protocol.on_lost = self._client_lost
@@ -182,6 +203,8 @@ class Relay:
                 await self._drain_client()
         finally:
             close_quietly(self.up_writer)
+            if self.cut_response:
+                await _end_without_close_notify(self.writer)
             close_quietly(self.writer)
             # Unhook (protocol -> relay -> writer -> protocol) so the connection is freed now,
             # by reference counting, not at the next full garbage collection.
@@ -199,23 +222,37 @@ class Relay:
     async def _next_call(self) -> bool:
         if self.owner.shutting_down:
             return False
-        self.idle = True
+        first = b""
+        self.idle = True  # no call has begun until its head is whole: shutdown may close us now
         try:
             async with asyncio.timeout(CLIENT_IDLE_TIMEOUT_S):
-                raw = await self.reader.readuntil(b"\r\n\r\n")
+                first = await self.reader.readexactly(1)
+            # Silence between calls may be long, but a begun head must follow promptly: one byte
+            # every few seconds would otherwise hold the connection for the idle timeout.
+            async with asyncio.timeout(REQUEST_HEAD_TIMEOUT_S):
+                raw = first + await self.reader.readuntil(b"\r\n\r\n")
+            head = parse_request_head(raw)
+            kind, length = request_framing(head)
+            refusal = None
         except asyncio.LimitOverrunError:
-            await reply_error(self.writer, 431, f"request head is larger than {MAX_HEAD_BYTES // 1024} KiB.")
-            return False
-        except (asyncio.IncompleteReadError, TimeoutError, *_CONNECTION_ERRORS):
+            refusal = 431, f"request head is larger than {MAX_HEAD_BYTES // 1024} KiB."
+        except TimeoutError:
+            if not first:
+                return False  # idle too long between calls: closed quietly
+            refusal = 408, f"the request head did not arrive within {REQUEST_HEAD_TIMEOUT_S:g} s."
+        except ProtocolError as exc:
+            refusal = exc.status, f"malformed request ({exc})."
+        except (asyncio.IncompleteReadError, *_CONNECTION_ERRORS):
             return False
         finally:
             self.idle = False
-        try:
-            head = parse_request_head(raw)
-            kind, length = request_framing(head)
-        except ProtocolError as exc:
-            log.info("bad_request host=%s status=%d error=%s", self.host, exc.status, exc)
-            await reply_error(self.writer, exc.status, f"malformed request ({exc}).")
+        if refusal is not None:
+            status, message = refusal
+            log.info("bad_request host=%s status=%d error=%s", self.host, status, message)
+            # What the client sent after the head is still unread: drained before closing, so
+            # that closing does not send a reset that can wipe this answer.
+            self.unread_request_body = True
+            await reply_error(self.writer, status, message)
             return False
         keep_alive = await self._call(head, kind, length)
         return keep_alive and not self.owner.shutting_down
@@ -242,9 +279,12 @@ class Relay:
         tap = Tap(self._adapter(head), call.call_id, head, capture)
         self.in_call, self.response_started = True, False
         keep_alive = complete = False
+        recorded = True
         try:
             keep_alive = await self._exchange(head, kind, length, call, tap, t0)
             complete = True
+        except _Refused as refused:
+            keep_alive, recorded = refused.keep_alive, False
         except asyncio.CancelledError:
             call.outcome = self.cancel_reason or ("interrupted" if self.owner.shutting_down else "client_cancelled")
             raise
@@ -255,6 +295,7 @@ class Relay:
             await self._error_reply(exc.status, str(exc))
         except UpstreamError as exc:
             call.outcome, call.error = "upstream_error", str(exc)
+            self.cut_response = self.response_started
             log.info("upstream_error call_id=%s host=%s status=%d error=%s",
                      call.call_id, self.host, exc.status, exc)
             await self._error_reply(exc.status, str(exc))
@@ -266,7 +307,8 @@ class Relay:
             self.in_call = False
             if not keep_alive:
                 self._drop_upstream()
-            self._finish_row(call, tap, complete, t0)
+            if recorded:
+                self._finish_row(call, tap, complete, t0)
         return keep_alive
 
     def _record(self, call: CallRow) -> None:
@@ -333,19 +375,25 @@ class Relay:
     async def _exchange(self, head: RequestHead, kind: BodyKind, length: int, call: CallRow,
                         tap: Tap, t0: float) -> bool:
         expects_continue = (head.headers.get("expect") or "").lower() == "100-continue"
-        first = head.serialize()
         inline = kind is BodyKind.NONE or (
             kind is BodyKind.LENGTH and length <= INLINE_BODY_BYTES and not expects_continue
         )
+        body = b""
         if inline and kind is BodyKind.LENGTH:
             try:
-                body = await self.reader.readexactly(length)
+                async with asyncio.timeout(CLIENT_IDLE_TIMEOUT_S):
+                    body = await self.reader.readexactly(length)
+            except TimeoutError as exc:
+                raise _body_stalled() from exc
             except (asyncio.IncompleteReadError, *_CONNECTION_ERRORS) as exc:
                 raise _ClientGone() from exc
             tap.request_chunk(body)
-            first += body
         if inline:
             tap.request_complete()
+        policies = self.owner.ledger.policies
+        if policies is not None and policies.active:
+            body, inline = await self._enforce(policies, head, kind, length, body, inline, call, tap)
+        first = head.serialize() + body
         call.request_bytes = len(first)
 
         reused = await self._ensure_upstream()
@@ -393,33 +441,120 @@ class Relay:
         finally:
             await settle({head_task, body_task})
 
-    async def _pump_request(self, kind: BodyKind, length: int, tap: Tap, call: CallRow) -> None:
+    async def _pump_request(self, kind: BodyKind, length: int, tap: Tap, call: CallRow, sink=None) -> None:
+        """Read the request body as it arrives and pass it on: to the provider, or to `sink`."""
+        sink = sink or self._send_upstream
         reader = self.reader
         decoder = ChunkedDecoder() if kind is BodyKind.CHUNKED else None
         remaining = length
         try:
             while (remaining > 0) if decoder is None else (not decoder.done):
+                async with asyncio.timeout(CLIENT_IDLE_TIMEOUT_S):  # a client stalled mid-body
+                    if decoder is None:
+                        data = await reader.read(min(READ_SIZE, remaining))
+                    else:
+                        # Never read past this body: the next pipelined request may follow it.
+                        wanted = decoder.data_remaining
+                        data = await (reader.read(min(READ_SIZE, wanted)) if wanted else reader.readuntil(b"\n"))
                 if decoder is None:
-                    data = await reader.read(min(READ_SIZE, remaining))
                     payload = (data,)
                     remaining -= len(data)
                 else:
-                    # Never read past this body: the next pipelined request may follow it.
-                    wanted = decoder.data_remaining
-                    data = await (reader.read(min(READ_SIZE, wanted)) if wanted else reader.readuntil(b"\n"))
                     payload = decoder.feed(data)[1] if data else ()
                 if not data:
                     raise _ClientGone()
-                await self._send_upstream(data)
+                await sink(data)
                 call.request_bytes += len(data)
                 for piece in payload:
                     tap.request_chunk(piece)
+        except TimeoutError as exc:
+            raise _body_stalled() from exc
         except (asyncio.IncompleteReadError, *_CONNECTION_ERRORS) as exc:
             raise _ClientGone() from exc
         except (ProtocolError, asyncio.LimitOverrunError) as exc:
             raise ClientError(400, f"malformed chunked request body ({exc}).") from exc
         tap.request_complete()
         tap.request_done()
+
+    # ---- budgets and model rules (budgets.py) -----------------------------------------------
+
+    async def _enforce(self, policies, head: RequestHead, kind: BodyKind, length: int, body: bytes,
+                       inline: bool, call: CallRow, tap: Tap) -> tuple[bytes, bool]:
+        """Answer the call here if a budget or model rule stops it (then raise `_Refused`); else
+        return (body, inline), the body read whole when a model rule must see the model."""
+        adapter = tap.adapter
+        if adapter.name == "generic" or adapter.provider == SELFTEST_PROVIDER:
+            return body, inline  # listings, files, the self-test: nothing billed by tokens
+        if call.project_source is None and policies.needs_project:
+            await self._await_lookup(call)
+        project = self.owner.ledger.canonical_project(call.project or "default")
+        needs_model = policies.rules_for(project)
+        if not needs_model and not policies.blocking_for(project, adapter.provider):
+            return body, inline
+        if needs_model and not inline:
+            body, inline = await self._read_whole_body(head, kind, length, call, tap), True
+        if inline:
+            tap.request_done()  # parsed now, before forwarding: the model decides
+            state = tap.state
+        else:
+            state = _probe(adapter, head)  # the path tells what is billed; the body is not needed
+        if state is None or state.billing != BILL_TOKENS:
+            return body, inline
+        refusal = policies.refusal(project, adapter.provider, state.request_model)
+        if refusal is None:
+            return body, inline
+        keep_alive = inline and not wants_close(head.version, head.headers)
+        self.unread_request_body = not inline
+        self.owner.ledger.record_event(refusal.event)
+        policies.refusals += 1
+        log.info("call_refused host=%s project=%s status=%d kind=%s", self.host, project, refusal.status,
+                 refusal.event.kind)
+        self.response_started = True
+        try:
+            await self._to_client(refusal_response(refusal, adapter.provider, head.target, keep_alive), call)
+        except _ClientGone:
+            keep_alive = False
+        raise _Refused(keep_alive)
+
+    async def _await_lookup(self, call: CallRow) -> None:
+        """The process lookup's project on the row now, if it answers in time."""
+        self._start_lookup()
+        lookup = self.attribution
+        if lookup is None:
+            return
+        try:
+            async with asyncio.timeout(POLICY_LOOKUP_WAIT_S):
+                # shield: a timeout here must not cancel the lookup, the row still wants it
+                await asyncio.shield(asyncio.wrap_future(lookup))
+        except Exception:  # noqa: BLE001 - too slow or failed: recorded later as the lookup decides
+            return
+        _attribute(call, lookup)
+
+    async def _read_whole_body(self, head: RequestHead, kind: BodyKind, length: int, call: CallRow,
+                               tap: Tap) -> bytes:
+        """The request body, read before forwarding; `Expect: 100-continue` is answered here."""
+        if (head.headers.get("expect") or "").lower() == "100-continue":
+            head.headers.remove("expect")
+            if head.version != "HTTP/1.0":
+                await self._to_client(b"HTTP/1.1 100 Continue\r\n\r\n", call)
+        parts: list[bytes] = []
+        size = 0
+
+        async def keep(data: bytes) -> None:
+            nonlocal size
+            size += len(data)
+            if size > MAX_CHECKED_BODY_BYTES:
+                self.unread_request_body = True  # drained, not read, before the connection closes
+                raise ClientError(413, _too_large_to_check())
+            parts.append(data)
+
+        if kind is BodyKind.LENGTH and length > MAX_CHECKED_BODY_BYTES:
+            self.unread_request_body = True
+            raise ClientError(413, _too_large_to_check())
+
+        await self._pump_request(kind, length, tap, call, keep)
+        call.request_bytes = 0  # counted again, with the head, when the whole request is sent
+        return b"".join(parts)
 
     # ---- the provider's side ----------------------------------------------------------------
 
@@ -569,6 +704,9 @@ class Relay:
             while data := await self._read_upstream(eof_ends_body=True):
                 await self._to_client(data, call)
                 tap_chunk(data)
+            if not _closed_by_close_notify(self.up_writer):
+                raise UpstreamError(502, f"{self.host} ended a response without a length by closing the "
+                                         "connection without TLS close_notify: it may be cut short.")
         else:
             remaining = length if kind is BodyKind.LENGTH else 0
             while remaining:
@@ -576,6 +714,85 @@ class Relay:
                 remaining -= len(data)
                 await self._to_client(data, call)
                 tap_chunk(data)
+
+
+def _body_stalled() -> ClientError:
+    return ClientError(408, f"the request body stopped arriving for {CLIENT_IDLE_TIMEOUT_S:g} s.")
+
+
+def _too_large_to_check() -> str:
+    return (f"a model rule applies to this project, and a request body over {MAX_CHECKED_BODY_BYTES // 2**20} MiB "
+            "cannot be checked against it; the call was not sent.")
+
+
+def _probe(adapter: Adapter, head: RequestHead) -> CallState | None:
+    """What the adapter reads from the request line alone (endpoint, billing)."""
+    try:
+        return adapter.start(head, b"", False)
+    except Exception:  # noqa: BLE001 - fail open: an adapter bug never refuses a call
+        return None
+
+
+def refusal_response(refusal: Refusal, provider: str, target: str, keep_alive: bool) -> bytes:
+    """The provider's own error format, so its SDKs raise their usual error with our message.
+
+    `x-should-retry: false` stops the Anthropic and OpenAI SDKs (and Claude Code) from retrying a
+    refusal that cannot succeed before the period ends or the rule changes.
+    """
+    status, message, budget = refusal.status, refusal.message, refusal.error == "budget"
+    extra = ""
+    if provider == "anthropic" or (provider == "vertex" and "/publishers/anthropic/" in target):
+        payload = {"type": "error", "error": {"type": "rate_limit_error" if budget else "permission_error",
+                                              "message": message}}
+    elif provider in ("gemini", "code_assist", "vertex"):
+        payload = {"error": {"code": status, "message": message,
+                             "status": "RESOURCE_EXHAUSTED" if budget else "PERMISSION_DENIED"}}
+    elif provider == "bedrock":
+        error_type = "ThrottlingException" if budget else "AccessDeniedException"
+        payload = {"message": message}
+        extra = f"x-amzn-ErrorType: {error_type}\r\n"
+    else:  # OpenAI and the OpenAI-compatible APIs
+        payload = {"error": {"message": message, "type": "insufficient_quota" if budget else "invalid_request_error",
+                             "param": None, "code": "budget_exceeded" if budget else "model_not_allowed"}}
+    body = json.dumps(payload).encode()
+    return (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "x-should-retry: false\r\n"
+        f"X-Halton-Meter-Policy: {refusal.error}\r\n"
+        f"{extra}"
+        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    ).encode() + body
+
+
+async def _end_without_close_notify(writer: asyncio.StreamWriter) -> None:
+    """Close the client's connection without TLS close_notify once what it was sent is out, so it
+    sees a cut response as cut (a body without a length would otherwise look complete)."""
+    transport = writer.transport
+    try:
+        async with asyncio.timeout(UNREAD_BODY_DRAIN_S):
+            while transport.get_write_buffer_size() and not transport.is_closing():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pass
+    transport.abort()
+
+
+def _closed_by_close_notify(writer: asyncio.StreamWriter) -> bool:
+    """Whether the TLS peer ended with close_notify (RFC 9112 9.8: only that completes a body
+    delimited by the close). asyncio reports a bare TCP FIN as the same EOF; the TLS object tells:
+    after close_notify a read raises SSLZeroReturnError, after a bare FIN SSLWantReadError."""
+    ssl_object = writer.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return True  # not TLS: the close is all there is
+    try:
+        ssl_object.read(1)
+    except ssl.SSLZeroReturnError:
+        return True
+    except ssl.SSLError:
+        return False
+    return True
 
 
 class _PendingRow:
