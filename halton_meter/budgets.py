@@ -31,6 +31,7 @@ from datetime import date, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Iterable, TextIO
 
+from halton_meter.adapters.selftest import PROVIDER as SELFTEST_PROVIDER
 from halton_meter.attribution import ProjectNameError, check_project
 from halton_meter.ledger import write_audit
 from halton_meter.report import NANO, format_usd, iso_local, local_midnight, usd_string
@@ -178,8 +179,9 @@ def period_spend(db: sqlite3.Connection, budget: Budget, since: float) -> tuple[
     """(priced cost, unpriced calls) of the calls in `budget`'s scope that started at `since` or later."""
     cost, unpriced = db.execute(
         "SELECT COALESCE(SUM(cost_nanousd), 0), COUNT(unpriced_reason) FROM calls WHERE started_at >= ? "
-        "AND (? IS NULL OR COALESCE(project, 'default') = ?) AND (? IS NULL OR provider = ?)",
-        (since, budget.project, budget.project, budget.provider, budget.provider)).fetchone()
+        "AND (? IS NULL OR COALESCE(project, 'default') = ?) AND (? IS NULL OR provider = ?) "
+        "AND provider IS NOT ?",
+        (since, budget.project, budget.project, budget.provider, budget.provider, SELFTEST_PROVIDER)).fetchone()
     return cost, unpriced
 
 
@@ -247,11 +249,14 @@ class PolicyEngine:
         if fingerprint == self._fingerprint:
             return
         now = time.time() if now is None else now
+        raised = {(t.budget.id, t.budget.limit_nanousd, t.start): t.fired for t in self._tracked}
         tracked = []
         for budget in budgets:
             start, end = period_bounds(budget.period, now)
             spend, unpriced = period_spend(db, budget, start)
-            tracked.append(_Tracked(budget, start, end, spend, unpriced, _fired(db, budget, start)))
+            # Raised before this reload may still be queued, not yet in the database.
+            fired = _fired(db, budget, start) | raised.get((budget.id, budget.limit_nanousd, start), set())
+            tracked.append(_Tracked(budget, start, end, spend, unpriced, fired))
         with self._lock:
             self._fingerprint = fingerprint
             self._tracked, self._rules = tuple(tracked), tuple(rules)
@@ -269,6 +274,8 @@ class PolicyEngine:
                 self._roll(now)
             touched = []
             for row in rows:
+                if row.provider == SELFTEST_PROVIDER:
+                    continue  # init's and doctor's check: deleted once verified, never spend
                 project = row.project or "default"
                 for tracked in self._tracked:
                     if row.started_at >= tracked.start and tracked.budget.covers(project, row.provider):
@@ -347,13 +354,20 @@ class PolicyEngine:
         return any(rule.covers(project) for rule in self._rules)
 
     def blocking_for(self, project: str, provider: str | None) -> bool:
-        if self._roll_at <= time.time():
-            with self._lock:
-                self._roll(time.time())
+        self._roll_if_due()
         return any(t.budget.covers(project, provider) for t in self._blocking)
+
+    def _roll_if_due(self) -> None:
+        """Start the new period of budgets whose period ended (any reader may be the first to see it)."""
+        now = time.time()
+        if now >= self._roll_at:
+            with self._lock:
+                if now >= self._roll_at:
+                    self._roll(now)
 
     def refusal(self, project: str, provider: str | None, model: str | None) -> Refusal | None:
         """Why this call must not reach the provider, or None. Model rules first, then budgets."""
+        self._roll_if_due()
         if model:
             refused = self._model_refusal(project, provider, model)
             if refused is not None:
@@ -390,6 +404,7 @@ class PolicyEngine:
 
     def snapshot(self) -> list[dict]:
         """The running totals, for `/health`."""
+        self._roll_if_due()
         with self._lock:
             return [{"budget_id": t.budget.id, "scope": t.budget.scope, "period": t.budget.period,
                      "action": t.budget.action, "limit_nanousd": t.budget.limit_nanousd, "spend_nanousd": t.spend,
@@ -499,7 +514,7 @@ def _percent(spend: int, limit: int) -> str:
     return f"{spend * 100 / limit:.0f}%"
 
 
-def budget_states(db: sqlite3.Connection, now: float) -> list[dict]:
+def budget_states(db: sqlite3.Connection, now: float, warn_at_percent: int = DEFAULT_WARN_AT_PERCENT) -> list[dict]:
     """Every budget with this period's spend, as `budget list` and `status` show them."""
     states = []
     for budget in read_budgets(db):
@@ -508,7 +523,7 @@ def budget_states(db: sqlite3.Connection, now: float) -> list[dict]:
         over = spend >= budget.limit_nanousd
         if over:
             state = "blocking" if budget.action == "block" else "exceeded"
-        elif spend * 100 >= budget.limit_nanousd * DEFAULT_WARN_AT_PERCENT:
+        elif spend * 100 >= budget.limit_nanousd * warn_at_percent:
             state = "near"
         else:
             state = "ok"
@@ -522,8 +537,9 @@ def budget_states(db: sqlite3.Connection, now: float) -> list[dict]:
     return states
 
 
-def list_budgets(db: sqlite3.Connection, *, as_json: bool, out: TextIO, now: float | None = None) -> int:
-    states = budget_states(db, time.time() if now is None else now)
+def list_budgets(db: sqlite3.Connection, *, as_json: bool, out: TextIO, now: float | None = None,
+                 warn_at_percent: int = DEFAULT_WARN_AT_PERCENT) -> int:
+    states = budget_states(db, time.time() if now is None else now, warn_at_percent)
     if as_json:
         out.write(json.dumps({"budgets": states}, indent=2) + "\n")
         return 0

@@ -446,7 +446,9 @@ def cmd_budget(args: argparse.Namespace) -> int:
             if db is None:
                 print("No budgets. Set one with `halton-meter budget set --daily 10`.")
                 return 0
-            return budgets.list_budgets(db, as_json=args.json, out=sys.stdout)
+            settings = load_settings(resolve_home(args.budget_home or args.home))
+            return budgets.list_budgets(db, as_json=args.json, out=sys.stdout,
+                                        warn_at_percent=settings.budget_warn_at_percent)
         if db is None:
             raise budgets.PolicyError(f"There is no budget {args.ids[0]}; see `halton-meter budget list`.")
         return budgets.remove_budgets(db, args.ids, out=sys.stdout)

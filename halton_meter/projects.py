@@ -83,11 +83,20 @@ def rename(db: sqlite3.Connection, old: str, new: str, *, out: TextIO) -> int:
                                f"`halton-meter project merge {old} {new}`.")
         db.execute("UPDATE projects SET name = ? WHERE name = ?", (new, old))
         moved = _move_calls(db, old, new)
+        _move_policies(db, old, new)
         _alias(db, old, new)
         write_audit(db, "project_renamed", {"from": old, "to": new, "calls": moved})
     out.write(f"Renamed project {old} to {new} ({moved:,} call(s)). Calls still arriving as {old} "
               f"are recorded as {new}.\n")
     return 0
+
+
+def _move_policies(db: sqlite3.Connection, old: str, new: str) -> None:
+    """Budgets and model rules follow the project (budgets.py); where both had one of the same
+    scope and period (a merge), the target's stays, as its other settings do."""
+    for table in ("budgets", "model_policies"):
+        db.execute(f"UPDATE OR IGNORE {table} SET project = ? WHERE project = ?", (new, old))
+        db.execute(f"DELETE FROM {table} WHERE project = ?", (old,))
 
 
 def merge(db: sqlite3.Connection, source: str, target: str, *, out: TextIO) -> int:
@@ -103,6 +112,7 @@ def merge(db: sqlite3.Connection, source: str, target: str, *, out: TextIO) -> i
                        "SELECT ?, created_at, body_capture FROM projects WHERE name = ?", (target, source))
         db.execute("DELETE FROM projects WHERE name = ?", (source,))
         moved = _move_calls(db, source, target)
+        _move_policies(db, source, target)
         _alias(db, source, target)
         write_audit(db, "project_merged", {"from": source, "into": target, "calls": moved})
     out.write(f"Merged project {source} into {target} ({moved:,} call(s) moved). Calls still arriving "

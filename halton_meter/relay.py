@@ -180,6 +180,7 @@ class Relay:
         self.response_started = False
         self.unread_request_body = False
         self.cut_response = False  # the provider broke a response already started: never end it cleanly
+        self.close_delimited = False  # the response being relayed ends when the provider closes
         self.task = asyncio.current_task()
         self.protocol = protocol
         protocol.on_lost = self._client_lost
@@ -295,7 +296,9 @@ class Relay:
             await self._error_reply(exc.status, str(exc))
         except UpstreamError as exc:
             call.outcome, call.error = "upstream_error", str(exc)
-            self.cut_response = self.response_started
+            # Only a body without a length needs the missing close_notify to look cut; the others
+            # show their truncation by their framing, and a clean close keeps every byte sent.
+            self.cut_response = self.response_started and self.close_delimited
             log.info("upstream_error call_id=%s host=%s status=%d error=%s",
                      call.call_id, self.host, exc.status, exc)
             await self._error_reply(exc.status, str(exc))
@@ -481,29 +484,40 @@ class Relay:
     async def _enforce(self, policies, head: RequestHead, kind: BodyKind, length: int, body: bytes,
                        inline: bool, call: CallRow, tap: Tap) -> tuple[bytes, bool]:
         """Answer the call here if a budget or model rule stops it (then raise `_Refused`); else
-        return (body, inline), the body read whole when a model rule must see the model."""
+        return (body, inline), the body read whole when a model rule must see the model.
+
+        Fails open: an error in the policy code itself is logged and the call goes on."""
         adapter = tap.adapter
         if adapter.name == "generic" or adapter.provider == SELFTEST_PROVIDER:
             return body, inline  # listings, files, the self-test: nothing billed by tokens
         if call.project_source is None and policies.needs_project:
             await self._await_lookup(call)
-        project = self.owner.ledger.canonical_project(call.project or "default")
-        needs_model = policies.rules_for(project)
-        if not needs_model and not policies.blocking_for(project, adapter.provider):
+        try:
+            project = self.owner.ledger.canonical_project(call.project or "default")
+            needs_model = policies.rules_for(project)
+            if not needs_model and not policies.blocking_for(project, adapter.provider):
+                return body, inline
+            if inline:
+                tap.request_done()  # parsed now, before forwarding: the model decides
+                state = tap.state
+            else:
+                state = _probe(adapter, head)  # the path alone: endpoint, billing, a model in the path
+        except Exception:  # noqa: BLE001 - a policy bug must never cost the user the call
+            log.exception("policy_check_failed host=%s", self.host)
             return body, inline
-        if needs_model and not inline:
+        if needs_model and not inline and state is not None and state.request_model is None:
+            # The model is in the body (not the path, as for Gemini or Bedrock): read it first.
             body, inline = await self._read_whole_body(head, kind, length, call, tap), True
-        if inline:
-            tap.request_done()  # parsed now, before forwarding: the model decides
             state = tap.state
-        else:
-            state = _probe(adapter, head)  # the path tells what is billed; the body is not needed
-        if state is None or state.billing != BILL_TOKENS:
+        try:
+            refusal = _refusal_for(policies, project, adapter.provider, state)
+            if refusal is None:
+                return body, inline
+            keep_alive = inline and not wants_close(head.version, head.headers)
+            answer = refusal_response(refusal, adapter.provider, head.target, keep_alive)
+        except Exception:  # noqa: BLE001
+            log.exception("policy_check_failed host=%s", self.host)
             return body, inline
-        refusal = policies.refusal(project, adapter.provider, state.request_model)
-        if refusal is None:
-            return body, inline
-        keep_alive = inline and not wants_close(head.version, head.headers)
         self.unread_request_body = not inline
         self.owner.ledger.record_event(refusal.event)
         policies.refusals += 1
@@ -511,7 +525,7 @@ class Relay:
                  refusal.event.kind)
         self.response_started = True
         try:
-            await self._to_client(refusal_response(refusal, adapter.provider, head.target, keep_alive), call)
+            await self._to_client(answer, call)
         except _ClientGone:
             keep_alive = False
         raise _Refused(keep_alive)
@@ -533,6 +547,9 @@ class Relay:
     async def _read_whole_body(self, head: RequestHead, kind: BodyKind, length: int, call: CallRow,
                                tap: Tap) -> bytes:
         """The request body, read before forwarding; `Expect: 100-continue` is answered here."""
+        if kind is BodyKind.LENGTH and length > MAX_CHECKED_BODY_BYTES:
+            self.unread_request_body = True  # refused before the client was told to send it
+            raise ClientError(413, _too_large_to_check())
         if (head.headers.get("expect") or "").lower() == "100-continue":
             head.headers.remove("expect")
             if head.version != "HTTP/1.0":
@@ -548,9 +565,6 @@ class Relay:
                 raise ClientError(413, _too_large_to_check())
             parts.append(data)
 
-        if kind is BodyKind.LENGTH and length > MAX_CHECKED_BODY_BYTES:
-            self.unread_request_body = True
-            raise ClientError(413, _too_large_to_check())
 
         await self._pump_request(kind, length, tap, call, keep)
         call.request_bytes = 0  # counted again, with the head, when the whole request is sent
@@ -654,6 +668,7 @@ class Relay:
             raise UpstreamError(502, f"{self.host} sent unusable framing ({exc}).") from exc
         call.status = response.status
         self.response_started = True
+        self.close_delimited = kind is BodyKind.CLOSE
         await self._to_client(response.raw, call)
         tap.response_head(response)
         if response.status == 101:
@@ -725,6 +740,17 @@ def _too_large_to_check() -> str:
             "cannot be checked against it; the call was not sent.")
 
 
+def _refusal_for(policies, project: str, provider: str, state: CallState | None) -> Refusal | None:
+    """What stops this call, if anything: only calls that spend are checked. Downloading batch
+    results spends nothing new (they were paid for when created), so it is never refused; creating
+    a batch is checked like the calls it holds."""
+    if state is None:
+        return None
+    if state.endpoint == "batch_results" or (state.billing != BILL_TOKENS and state.endpoint != "batch_create"):
+        return None
+    return policies.refusal(project, provider, state.request_model)
+
+
 def _probe(adapter: Adapter, head: RequestHead) -> CallState | None:
     """What the adapter reads from the request line alone (endpoint, billing)."""
     try:
@@ -770,9 +796,12 @@ async def _end_without_close_notify(writer: asyncio.StreamWriter) -> None:
     """Close the client's connection without TLS close_notify once what it was sent is out, so it
     sees a cut response as cut (a body without a length would otherwise look complete)."""
     transport = writer.transport
+    # The TLS transport's buffer, then the TCP one below it (an asyncio internal, read if there).
+    raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
     try:
         async with asyncio.timeout(UNREAD_BODY_DRAIN_S):
-            while transport.get_write_buffer_size() and not transport.is_closing():
+            while not transport.is_closing() and (
+                    transport.get_write_buffer_size() or (raw is not None and raw.get_write_buffer_size())):
                 await asyncio.sleep(0.01)
     except TimeoutError:
         pass

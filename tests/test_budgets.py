@@ -7,6 +7,7 @@ in-flight calls finish, other scopes go on, and `budget`/`policy` changes reach 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sqlite3
@@ -234,18 +235,76 @@ def test_budget_set_below_todays_spend_raises_both_events_at_once(tmp_path):
     assert engine.blocking_for("ci", "anthropic")
 
 
-def test_a_new_period_starts_from_zero(tmp_path):
+@pytest.mark.parametrize("ask", ["blocking_for", "refusal"])
+def test_a_new_period_starts_from_zero(tmp_path, ask):
     db = connect(tmp_path / "db.sqlite")
     _budget(db, None, None, "daily", 1000, "block")
+    with db:  # with a model rule too, the relay asks `refusal` without `blocking_for` first
+        db.execute("INSERT INTO model_policies (project, kind, pattern, created_at) VALUES (NULL, 'deny', 'x-*', 0)")
     engine = PolicyEngine()
     engine.load(db, time.time())
     engine.on_commit([_row("x", 1000, time.time())])
-    assert engine.blocking_for("x", "anthropic")
+    assert engine.refusal("x", "anthropic", "claude-sonnet-4-5") is not None
     tracked = engine._tracked[0]
     tracked.start, tracked.end = tracked.start - 86400, tracked.start  # as if yesterday's period
     engine._roll_at = tracked.end
-    assert not engine.blocking_for("x", "anthropic")
+    if ask == "blocking_for":
+        assert not engine.blocking_for("x", "anthropic")
+    assert engine.refusal("x", "anthropic", "claude-sonnet-4-5") is None
     assert engine.snapshot()[0]["spend_nanousd"] == 0 and engine.snapshot()[0]["period_start"] == tracked.start
+
+
+def test_self_test_rows_never_count_and_queued_events_are_not_raised_twice(tmp_path):
+    db = connect(tmp_path / "db.sqlite")
+    _budget(db, None, None, "daily", 1000, "warn")
+    engine = PolicyEngine()
+    raised = []
+    engine.emit = raised.append
+    engine.load(db, time.time())
+    engine.on_commit([_row("x", 10**6, time.time(), provider="selftest")])
+    assert raised == [] and engine.snapshot()[0]["spend_nanousd"] == 0
+    engine.on_commit([_row("x", 900, time.time())])
+    assert [e.kind for e in raised] == ["budget_warning"]
+    with db:  # another connection's change reloads before the queued event reached the ledger
+        db.execute("INSERT INTO audit_events (at, kind, detail) VALUES (0, 'reprice', '{}')")
+    engine.load(db, time.time())
+    assert [e.kind for e in raised] == ["budget_warning"]
+
+
+def test_rename_and_merge_carry_budgets_and_rules(tmp_path):
+    from halton_meter import projects
+
+    path = tmp_path / "db.sqlite"
+    _seed(path, [_row("ci", 1, time.time()), _row("old", 1, time.time()), _row("main", 1, time.time())])
+    db = connect(path)
+    ci = _budget(db, "ci", None, "daily", 1000, "block")
+    old_daily = _budget(db, "old", None, "daily", 5, "block")
+    old_weekly = _budget(db, "old", None, "weekly", 7, "warn")
+    main_daily = _budget(db, "main", None, "daily", 9, "warn")
+    with db:
+        db.execute("INSERT INTO model_policies (project, kind, pattern, created_at) VALUES ('ci', 'deny', '*opus*', 0)")
+    projects.rename(db, "ci", "ci-2", out=io.StringIO())
+    assert db.execute("SELECT id, project FROM budgets WHERE id = ?", (ci,)).fetchone() == (ci, "ci-2")
+    assert db.execute("SELECT project FROM model_policies").fetchall() == [("ci-2",)]
+    projects.merge(db, "old", "main", out=io.StringIO())  # main keeps its daily budget, gains the weekly
+    assert sorted(db.execute("SELECT id, project FROM budgets WHERE id != ?", (ci,)).fetchall()) == [
+        (old_weekly, "main"), (main_daily, "main")]
+    assert old_daily not in [i for (i,) in db.execute("SELECT id FROM budgets")]
+
+
+@pytest.mark.parametrize("endpoint, billing, refused", [
+    ("messages", "tokens", True), ("count_tokens", "free", False), ("batch_results", "tokens", False),
+    ("batch_create", "none", True), ("models", "none", False)])
+def test_only_calls_that_spend_are_refused(endpoint, billing, refused):
+    from halton_meter.adapters.base import CallState
+    from halton_meter.relay import _refusal_for
+
+    engine = PolicyEngine()
+    engine._rules = (ModelRule(1, None, "deny", "*"),)
+    engine._settle(time.time())
+    state = CallState(provider="anthropic", endpoint=endpoint, billing=billing, request_model="claude-opus-4-1")
+    assert (_refusal_for(engine, "p", "anthropic", state) is not None) is refused
+    assert _refusal_for(engine, "p", "anthropic", None) is None
 
 
 @pytest.mark.parametrize("rules, project, model, refused", [
@@ -394,7 +453,7 @@ def test_block_budget_refuses_the_next_call_without_contacting_the_provider(daem
 
     health = json.loads(cli(proxy.home, "status", "--json").stdout)
     budget_row = next(row for row in health["components"] if row["name"] == "budgets")
-    assert budget_row["state"] == "warn" and "blocking" in budget_row["detail"]
+    assert budget_row["state"] == "ok" and "BLOCKING" in budget_row["detail"]  # stated, not a fault
     tail = cli(proxy.home, "tail", "-n", "10").stdout
     assert "budget" in tail and "refused" in tail.lower()
 
@@ -430,7 +489,7 @@ def test_warn_budget_raises_events_and_a_desktop_notification_but_never_blocks(d
     assert "80% of the monthly budget of" in lines[0] and "exceeded" in lines[1]
     status = json.loads(cli(proxy.home, "status", "--json").stdout)
     row = next(r for r in status["components"] if r["name"] == "budgets")
-    assert row["state"] == "warn" and "exceeded" in row["detail"]
+    assert row["state"] == "ok" and "EXCEEDED" in row["detail"]
 
 
 def test_model_rules_refuse_with_403_and_other_models_go_on(daemon, fake):

@@ -274,7 +274,7 @@ def _budgets_row(settings: Settings) -> Row:
     try:
         db = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=2)
         try:
-            states = budget_states(db, now)
+            states = budget_states(db, now, settings.budget_warn_at_percent)
             rules = db.execute("SELECT COUNT(*) FROM model_policies").fetchone()[0]
             refused = db.execute("SELECT COUNT(*) FROM policy_events WHERE kind IN ('call_blocked', 'model_blocked') "
                                  "AND at >= ?", (now - 86400,)).fetchone()[0]
@@ -287,10 +287,12 @@ def _budgets_row(settings: Settings) -> Row:
     summary = f"{len(states)} budget(s), {rules} model rule(s); {refused:,} call(s) refused in the last 24 h"
     over = [s for s in states if s["state"] in ("blocking", "exceeded")]
     if over:
+        # Stated, not a warning: a budget doing its job is not a broken install (`status` exits 1
+        # on a warning, which would trip scripts and monitors for a normal state).
         worst = over[0]
-        verb = "blocking: calls are refused" if worst["state"] == "blocking" else "exceeded (warn only)"
-        return Row("budgets", WARN, f"{worst['title']} {verb}, {worst['percent']:.0f}% used; {summary}",
-                   f"halton-meter budget list, then `budget set` to raise it or `budget rm {worst['id']}`")
+        verb = "BLOCKING: its calls are refused" if worst["state"] == "blocking" else "EXCEEDED (warn only)"
+        return Row("budgets", OK, f"{worst['title']} {verb}, {worst['percent']:.0f}% used "
+                                  f"(`budget list`, `budget set` to raise it, `budget rm {worst['id']}`); {summary}")
     top = max(states, key=lambda s: s["percent"], default=None)
     lead = f"highest: {top['title']} at {top['percent']:.0f}%; " if top else ""
     return Row("budgets", OK, lead + summary)
