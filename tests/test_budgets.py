@@ -78,16 +78,19 @@ def daemon(tmp_path, fake):
     def start(*extra: str, env: dict | None = None):
         home = tmp_path / f"home{len(started)}"
         home.mkdir()
-        if env:
-            os.environ.update(env)
+        saved = {name: os.environ.get(name) for name in env or {}}
+        os.environ.update(env or {})  # start_serve passes this process's environment on
         try:
             proxy = start_serve(home, "--upstream", f"api.anthropic.com=127.0.0.1:{fake.port}",
                                 "--upstream", f"api.openai.com=127.0.0.1:{fake.port}",
                                 "--upstream", f"generativelanguage.googleapis.com=127.0.0.1:{fake.port}",
                                 "--upstream-ca", str(fake.ca_path), *extra)
         finally:
-            for name in env or {}:
-                os.environ.pop(name, None)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         started.append(proxy)
         return proxy
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="halton-bench-")))
-            direct, proxy, serve = start_services(workdir, stack, args.config)
+            direct, proxy, serve = start_services(workdir, stack, args.config, policies=args.policies)
             runs = []
             for index in range(args.runs):
                 if not args.json:
@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print machine-readable results")
     parser.add_argument("--config", metavar="FILE", help="a config.toml for the proxy's home (e.g. to compare "
                                                           "with [bodies] enabled = false)")
+    parser.add_argument("--policies", action="store_true",
+                        help="with a block budget that never runs out and a model deny rule for every project, "
+                             "so every call is checked (its body parsed) before it is forwarded")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -115,9 +118,20 @@ class Route:
         return ssl.create_default_context(cafile=self.ca_file)
 
 
-def start_services(workdir: Path, stack: contextlib.ExitStack,
-                   config: str | None = None) -> tuple[Route, Route, subprocess.Popen]:
-    """Fake provider, then `serve` pointed at it; both stopped when `stack` unwinds."""
+def seed_policies(home: Path) -> None:
+    """A daily block budget of $1,000,000 and `policy deny 'claude-opus-*'`, for every project."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for command in (("budget", "set", "--daily", "1000000", "--action", "block"),
+                    ("policy", "deny", "claude-opus-*")):
+        subprocess.run([sys.executable, "-m", "halton_meter", "--home", str(home), *command], cwd=REPO, env=env,
+                       check=True, stdout=subprocess.DEVNULL)
+
+
+def start_services(workdir: Path, stack: contextlib.ExitStack, config: str | None = None,
+                   hosts: tuple[str, ...] = (PROVIDER_HOST,), *,
+                   policies: bool = False) -> tuple[Route, Route, subprocess.Popen]:
+    """Fake provider, then `serve` (home `workdir/home`, log `workdir/serve.err`) sending every
+    host in `hosts` to it; both stopped when `stack` unwinds. `policies`: see --policies."""
     fake_out = spawn(stack, workdir, "fake", "-m", "halton_meter.fakeprovider",
                      "--port", "0", "--ca-dir", str(workdir / "fake-ca"))
     banner = wait_for_line(*fake_out, "  CA: ")
@@ -127,9 +141,11 @@ def start_services(workdir: Path, stack: contextlib.ExitStack,
     if config is not None:
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(Path(config).read_text())
+    if policies:
+        seed_policies(home)
+    upstreams = [arg for host in hosts for arg in ("--upstream", f"{host}=127.0.0.1:{fake_port}")]
     serve_out = spawn(stack, workdir, "serve", "-m", "halton_meter", "serve", "--home", str(home), "--api-port", "0",
-                      "--port", "0", "--upstream", f"{PROVIDER_HOST}=127.0.0.1:{fake_port}",
-                      "--upstream-ca", fake_ca, home=home)
+                      "--port", "0", *upstreams, "--upstream-ca", fake_ca, home=home)
     banner = wait_for_line(*serve_out, "    export NODE_EXTRA_CA_CERTS=")
     proxy_port = int(banner.split("listening on http://127.0.0.1:")[1].split()[0])
     direct = Route("direct", fake_port, fake_ca, via_proxy=False)
@@ -246,7 +262,11 @@ def build_request(stream: bool) -> bytes:
 
 SMALL_REQUEST = build_request(stream=False)
 STREAM_REQUEST = build_request(stream=True)
-CONNECT_REQUEST = f"CONNECT {PROVIDER_HOST}:443 HTTP/1.1\r\nHost: {PROVIDER_HOST}:443\r\n\r\n".encode()
+def connect_request(host: str) -> bytes:
+    return f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode()
+
+
+CONNECT_REQUEST = connect_request(PROVIDER_HOST)
 
 
 class Client:
@@ -413,16 +433,16 @@ async def generate_load(route: Route, connections: int, duration_s: float) -> tu
             writer.close()
 
 
-async def open_stream(route: Route, context: ssl.SSLContext):
+async def open_stream(route: Route, context: ssl.SSLContext, host: str = PROVIDER_HOST):
+    """An asyncio TLS connection to `host`: straight to the fake, or CONNECT through the proxy."""
     if not route.via_proxy:
-        return await asyncio.open_connection("127.0.0.1", route.port, ssl=context,
-                                             server_hostname=PROVIDER_HOST)
+        return await asyncio.open_connection("127.0.0.1", route.port, ssl=context, server_hostname=host)
     reader, writer = await asyncio.open_connection("127.0.0.1", route.port)
-    writer.write(CONNECT_REQUEST)
+    writer.write(connect_request(host))
     answer = await reader.readuntil(b"\r\n\r\n")
     if not answer.startswith(b"HTTP/1.1 200"):
         raise ConnectionError(f"CONNECT answered {answer.splitlines()[0]!r}")
-    await writer.start_tls(context, server_hostname=PROVIDER_HOST)
+    await writer.start_tls(context, server_hostname=host)
     return reader, writer
 
 
