@@ -146,6 +146,16 @@ def stop_serve(proxy: Proxy, timeout: float = 15.0) -> int:
     return proxy.process.wait(timeout)
 
 
+def wait_for(predicate, timeout: float = 10.0, step: float = 0.02) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from halton_meter import budgets
-from halton_meter.budgets import Budget, ModelRule, PolicyEngine, PolicyError, parse_amount, period_bounds
+from halton_meter.budgets import ModelRule, PolicyEngine, PolicyError, parse_amount, period_bounds
 from halton_meter.ledger import CallRow, Ledger, connect
 from halton_meter.relay import refusal_response
-from tests.conftest import REPO, messages_body, start_serve, stop_serve, subprocess_env
+from tests.conftest import REPO, messages_body, start_serve, stop_serve, subprocess_env, wait_for
 
 # The fake provider's non-streaming message: 12 input and 9 output tokens of claude-sonnet-4-5.
 CALL_COST = 12 * 3000 + 9 * 15000
@@ -43,15 +43,6 @@ def events(db: Path, kind: str | None = None) -> list[dict]:
             "SELECT * FROM policy_events WHERE ? IS NULL OR kind = ? ORDER BY id", (kind, kind))]
     finally:
         connection.close()
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.03)
-    return True
 
 
 def post(proxy, *, project: str | None = "capped", body: bytes | None = None, host: str = "api.anthropic.com",

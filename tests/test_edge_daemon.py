@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, subprocess_env, wait_for
 
 
 def launch(home, command, *args, ready="listening on http://127.0.0.1:"):
@@ -79,15 +79,6 @@ def rows(home, project):
         return db.execute("SELECT usage_status, cost_nanousd FROM calls WHERE project = ?", (project,)).fetchall()
     finally:
         db.close()
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_edge_hands_off_then_fails_open_then_meters_again(stack, fake):

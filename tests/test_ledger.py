@@ -13,6 +13,7 @@ import pytest
 
 from halton_meter import ledger as ledger_module
 from halton_meter.ledger import MAX_BATCH_ROWS, SCHEMA_VERSION, CallRow, Ledger, connect
+from tests.conftest import wait_for
 
 
 def row(n: int) -> CallRow:
@@ -263,15 +264,6 @@ class WriteLock:
         self.db.close()
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def call_ids(path) -> list[str]:
     db = sqlite3.connect(path)
     try:
@@ -297,16 +289,16 @@ def test_rows_wait_behind_a_lock_and_land_in_order_when_it_goes(tmp_path, quick_
     try:
         for n in range(40):
             ledger.record(row(n))
-        assert wait_until(lambda: ledger.refusing_writes)
+        assert wait_for(lambda: ledger.refusing_writes)
         for n in range(40, 100):  # new rows keep queueing behind the held ones
             ledger.record(row(n))
-        assert wait_until(lambda: ledger.rows_waiting == 100)
+        assert wait_for(lambda: ledger.rows_waiting == 100)
         time.sleep(0.5)  # many refused tries (pauses of 0.1 s at most): nothing is given up
         assert (ledger.rows_written, ledger.rows_lost, ledger.rows_waiting) == (0, 0, 100)
         assert ledger.last_write_error["error"].startswith("SQLITE_BUSY")
     finally:
         lock.release()
-    assert wait_until(lambda: ledger.rows_written == 100)
+    assert wait_for(lambda: ledger.rows_written == 100)
     ledger.close()
     assert call_ids(path) == [f"call-{n}" for n in range(100)]
     assert (ledger.rows_lost, ledger.rows_waiting, ledger.refusing_writes) == (0, 0, False)
@@ -327,19 +319,19 @@ def test_past_the_bound_rows_go_to_the_spool_and_come_back_once_writes_work(tmp_
     try:
         for n in range(25):
             ledger.record(row(n))
-        assert wait_until(lambda: ledger.rows_spooled == 25)
+        assert wait_for(lambda: ledger.rows_spooled == 25)
         (spooled,) = (tmp_path / "spool").glob("*.jsonl")
         assert spooled.stat().st_mode & 0o777 == 0o600
         assert len(spooled.read_text().splitlines()) == 25
         for n in range(25, 30):  # only in memory, under the bound: held there
             ledger.record(row(n))
         # The spooled rows are read back to be tried again, and stay spooled meanwhile.
-        assert wait_until(lambda: ledger.rows_waiting == 30)
+        assert wait_for(lambda: ledger.rows_waiting == 30)
         time.sleep(0.3)
         assert ledger.rows_spooled == 25 and len(list((tmp_path / "spool").glob("*.jsonl"))) == 1
     finally:
         lock.release()
-    assert wait_until(lambda: ledger.rows_written == 30)
+    assert wait_for(lambda: ledger.rows_written == 30)
     ledger.close()
     assert sorted(call_ids(path)) == sorted(f"call-{n}" for n in range(30))
     assert (ledger.rows_spooled, ledger.rows_replayed, ledger.rows_lost) == (25, 25, 0)
@@ -403,11 +395,11 @@ def test_rows_the_spool_cannot_take_either_are_counted_lost_and_recorded(tmp_pat
     try:
         for n in range(8):
             ledger.record(row(n))
-        assert wait_until(lambda: ledger.rows_lost == 8)
+        assert wait_for(lambda: ledger.rows_lost == 8)
         ledger.record(row(8))  # under the bound again: waits, and is not lost
     finally:
         lock.release()
-    assert wait_until(lambda: ledger.rows_written == 1)
+    assert wait_for(lambda: ledger.rows_written == 1)
     ledger.close()
     assert call_ids(path) == ["call-8"]
     assert ledger.rows_lost == 8 and ledger.rows_spooled == 0
