@@ -45,6 +45,15 @@ class _ClientProtocol(asyncio.StreamReaderProtocol):
         me = weakref.ref(self)
         super().__init__(reader, lambda r, w: handler(r, w, me()))
         self.on_lost = None
+        # Set by the interceptor before it starts TLS on this connection: from then on an EOF
+        # closes it (asyncio cannot keep a TLS connection half-open, and warns if asked to).
+        self.tls = False
+
+    def eof_received(self) -> bool:
+        if self.tls:
+            super().eof_received()
+            return False
+        return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

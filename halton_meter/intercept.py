@@ -116,6 +116,7 @@ class Interceptor:
     async def handle(self, reader, writer, protocol, host: str, port: int,
                      context: ssl.SSLContext, project: str | None = None) -> None:
         """Take over a client connection whose CONNECT was just answered with 200."""
+        protocol.tls = True  # edge._ClientProtocol: an EOF now ends the connection
         try:
             await writer.start_tls(context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S)
         except (ssl.SSLError, OSError, TimeoutError) as exc:

@@ -31,6 +31,8 @@ from halton_meter.tls.ca import CertificateAuthority
 
 log = logging.getLogger(__name__)
 
+MEMORY_TRIM_INTERVAL_S = 60.0
+
 
 class ServeError(Exception):
     """Startup failed for a reason the user can fix; the message says how."""
@@ -162,10 +164,12 @@ async def serve(settings: Settings, out: TextIO = sys.stdout, stop: asyncio.Even
     if on_ready is not None:
         on_ready(port)
     sweeper = asyncio.create_task(_sweep_bodies_daily(ledger))
+    trimmer = asyncio.create_task(_return_freed_memory())
     try:
         await stop.wait()
     finally:
         sweeper.cancel()
+        trimmer.cancel()
         try:
             if receiver is not None:
                 receiver.close()
@@ -199,6 +203,22 @@ async def _sweep_bodies_daily(ledger: Ledger) -> None:
     while True:
         ledger.sweep_bodies()
         await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+async def _return_freed_memory() -> None:
+    """Under many concurrent connections glibc's malloc keeps freed memory in its arenas: the
+    soak (tools/soak.py) saw RSS creep 1.3-2.3 MiB/min with the bytes in use flat. malloc_trim
+    hands it back to the system once a minute. Elsewhere (macOS, musl) there is nothing to do."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    while True:
+        await asyncio.sleep(MEMORY_TRIM_INTERVAL_S)
+        await asyncio.to_thread(trim, 0)
 
 
 def _api_port_file(settings: Settings) -> Path:
