@@ -20,10 +20,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import platform
 import shutil
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -418,7 +418,7 @@ class PolicyEngine:
 def desktop_notifier() -> Callable[[PolicyEvent], None] | None:
     """A notifier for budget events where the platform has one (notify-send with a desktop
     session, osascript on macOS); None elsewhere. It never blocks or fails the caller."""
-    if platform.system() == "Darwin" and shutil.which("osascript"):
+    if sys.platform == "darwin" and shutil.which("osascript"):
         def command(title: str, text: str) -> list[str]:
             script = f"display notification {_applescript(text)} with title {_applescript(title)}"
             return ["osascript", "-e", script]
