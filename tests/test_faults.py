@@ -288,6 +288,16 @@ def test_full_disk_holds_rows_in_memory_and_writes_them_when_space_returns(small
     assert integrity(home) == "ok"
 
 
+def three_calls_on_a_full_disk(proxy, home: Path, fake, small_disk) -> None:
+    """One call written, then the disk fills and three more wait in memory (`during`)."""
+    context = client_context(home, fake)
+    calls_ok(proxy.port, context, "before", 1)
+    assert len(proxy.wait_rows("before")) == 1
+    small_disk.fill()
+    calls_ok(proxy.port, context, "during", 3)
+    wait_health(home, lambda h: h["rows_waiting"] == 3)
+
+
 def test_full_disk_until_shutdown_spools_the_rows_elsewhere_and_the_next_start_writes_them(small_disk, fake,
                                                                                            tmp_path):
     home = small_disk.path / "home"
@@ -296,12 +306,7 @@ def test_full_disk_until_shutdown_spools_the_rows_elsewhere_and_the_next_start_w
     proxy = start_serve(home, *upstream(fake))
     small_disk.bind(elsewhere, home / "spool")
     try:
-        context = client_context(home, fake)
-        calls_ok(proxy.port, context, "before", 1)
-        assert len(proxy.wait_rows("before")) == 1
-        small_disk.fill()
-        calls_ok(proxy.port, context, "during", 3)
-        wait_health(home, lambda h: h["rows_waiting"] == 3)
+        three_calls_on_a_full_disk(proxy, home, fake, small_disk)
     finally:
         exit_code = stop_serve(proxy)
     assert exit_code == 0  # nothing lost: exit 0
@@ -328,12 +333,7 @@ def test_full_disk_until_shutdown_with_nowhere_to_spool_counts_the_rows_lost_out
     home = small_disk.path / "home"
     proxy = start_serve(home, *upstream(fake))
     try:
-        context = client_context(home, fake)
-        calls_ok(proxy.port, context, "before", 1)
-        assert len(proxy.wait_rows("before")) == 1
-        small_disk.fill()
-        calls_ok(proxy.port, context, "during", 3)
-        wait_health(home, lambda h: h["rows_waiting"] == 3)
+        three_calls_on_a_full_disk(proxy, home, fake, small_disk)
     finally:
         exit_code = stop_serve(proxy)
     assert exit_code == 1  # rows could not be written: exit 1
